@@ -1,0 +1,1 @@
+"""Evaluation: FVD, CLIP similarity, fairness statistics, and the Ray evaluation stage."""

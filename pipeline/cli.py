@@ -1,0 +1,41 @@
+"""The `videopoet` command: one entry point that forwards to each app's `main(argv)`.
+
+Apps are imported lazily so `videopoet --help` stays fast and a subcommand pays only for its own imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("train.demo", "run the end-to-end demo on embedded defaults"),
+    "synth": ("pipeline.synth", "write a synthetic audio-visual corpus (MP4 files + manifest)"),
+    "probe": ("pipeline.probe", "print stream information of media files as JSON, one object per file"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: videopoet COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `videopoet COMMAND --help` for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"videopoet: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

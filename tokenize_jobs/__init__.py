@@ -1,0 +1,1 @@
+"""Ray Data jobs: corpus manifest -> decoded clips -> tokenizer actor pools -> Parquet token shards."""

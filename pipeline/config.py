@@ -14,7 +14,7 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 FLAVORS = ("debug", "demo", "paper")
@@ -168,13 +168,26 @@ def flavor_path(kind: str, flavor: str) -> Path:
 
 
 def load_config(cls: type[T], source: str | Path | None = None, overrides: typing.Iterable[str] = (),
-                kind: str | None = None) -> T:
-    """Resolve a config: dataclass defaults <- TOML file (a path, or a flavor name of `kind`) <- overrides."""
+                kind: str | Mapping[str, str] | None = None) -> T:
+    """Resolve a config: dataclass defaults <- TOML file <- `section.key=value` overrides.
+
+    `source` is a TOML path or a flavor name. With `kind="video_tokenizer"` a flavor is one file of that kind. An app
+    config made of sections takes `kind={"model": "video_tokenizer", "train": "train_video_tokenizer"}`: a flavor
+    name then assembles each section from its own kind's flavor file (sections without one keep their defaults).
+    """
     data: dict[str, Any] = {}
     if source is not None:
         source = str(source)
-        is_flavor = kind is not None and not source.endswith(".toml") and "/" not in source
-        data = read_toml(flavor_path(kind, source) if is_flavor else source)
+        if kind is not None and not source.endswith(".toml") and "/" not in source:
+            if isinstance(kind, str):
+                data = read_toml(flavor_path(kind, source))
+            else:
+                if not any((CONFIG_DIR / k / f"{source}.toml").exists() for k in kind.values()):
+                    flavor_path(next(iter(kind.values())), source)  # raises, listing the flavors there are
+                data = {section: read_toml(CONFIG_DIR / k / f"{source}.toml") for section, k in kind.items()
+                        if (CONFIG_DIR / k / f"{source}.toml").exists()}
+        else:
+            data = read_toml(source)
     return from_dict(cls, apply_overrides(data, overrides))
 
 

@@ -74,3 +74,25 @@ def test_round_trip_through_json():
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Outer().name = "y"
+
+
+def test_sectioned_flavors(tmp_path, monkeypatch):
+    import pipeline.config as config
+
+    @dataclasses.dataclass(frozen=True)
+    class App:
+        model: Inner = dataclasses.field(default_factory=Inner)
+        train: Inner = dataclasses.field(default_factory=Inner)
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "t").mkdir()
+    (tmp_path / "m" / "tiny.toml").write_text("width = 2\n")
+    (tmp_path / "t" / "tiny.toml").write_text('kind = "b"\n')
+    (tmp_path / "m" / "only.toml").write_text("width = 3\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    kinds = {"model": "m", "train": "t"}
+    app = load_config(App, "tiny", ["train.width=5"], kind=kinds)
+    assert app == App(model=Inner(width=2), train=Inner(width=5, kind="b"))
+    assert load_config(App, "only", kind=kinds) == App(model=Inner(width=3))
+    with pytest.raises(ConfigError, match="no flavor 'huge'.*only, tiny"):
+        load_config(App, "huge", kind=kinds)

@@ -1,0 +1,427 @@
+"""What a media file holds, read from its header without decoding it, plus the ffmpeg plumbing that
+`pipeline.media` shares: the binary, typed errors, and local copies of remote URIs.
+
+`ffprobe` is used when it is on PATH. The `imageio-ffmpeg` wheel ships only an `ffmpeg` binary, so the fallback
+parses the stream dump that `ffmpeg -i FILE` prints (the same text ffprobe prints to stderr).
+
+Sizes: `width`/`height` are the display size (sample aspect ratio applied, then rotation), which is what the
+decoder's frames are shaped like because ffmpeg autorotates; `coded_width`/`coded_height` are the stored size.
+`rotation` is the clockwise rotation in degrees (0, 90, 180, 270) that turns a stored frame upright.
+
+    videopoet probe FILE...    one JSON object per file; exit code 1 if any file failed
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+class MediaError(Exception):
+    """A media file that cannot be (fully) decoded. `kind` is a short machine-readable label for error tables."""
+
+    kind = "media"
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)
+        self.message = message
+
+
+class MissingFile(MediaError):
+    kind = "missing"
+
+
+class EmptyFile(MediaError):
+    kind = "empty"
+
+
+class NotMedia(MediaError):
+    kind = "not_media"
+
+
+class NoVideoStream(MediaError):
+    kind = "no_video"
+
+
+class CorruptMedia(MediaError):
+    kind = "corrupt"
+
+
+class DecodeTimeout(MediaError):
+    kind = "timeout"
+
+
+class TooShort(MediaError):
+    kind = "too_short"
+
+
+# ---------------------------------------------------------------------------------------------------- tools
+
+@functools.cache
+def ffmpeg_exe() -> str:
+    """The ffmpeg binary: the one on PATH, else the one bundled with imageio-ffmpeg."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+@functools.cache
+def ffprobe_exe() -> str | None:
+    return shutil.which("ffprobe")
+
+
+def ffmpeg_url(path: str) -> str:
+    """A local path as an ffmpeg input/output URL that is never read as an option (`-x.mp4`) or a protocol (`a:b`)."""
+    return "file:" + os.path.abspath(path)
+
+
+def is_remote(path: str) -> bool:
+    scheme = urllib.parse.urlparse(path).scheme
+    return len(scheme) > 1 and scheme != "file"  # one letter is a Windows drive
+
+
+def _local_path(path: str) -> str:
+    if path.startswith("file://"):
+        return urllib.parse.unquote(urllib.parse.urlparse(path).path)
+    return path
+
+
+def check_local(path: str, source: str) -> None:
+    """Raise the typed error for a local path that does not exist or is an empty regular file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MissingFile(source, "no such file") from None
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise EmptyFile(source, "file is empty (0 bytes)")
+
+
+@contextlib.contextmanager
+def local_file(path: str) -> Iterator[str]:
+    """A local, seekable path for `path`. Non-local URIs (s3://, gs://, hdfs://) are copied to a temporary file
+    through pyarrow's filesystems first, because ffmpeg must seek in MP4 files."""
+    path = str(path)
+    if not is_remote(path):
+        local = _local_path(path)
+        check_local(local, path)
+        yield local
+        return
+    import pyarrow.fs
+
+    try:
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        info = fs.get_file_info(inner)
+    except (OSError, ValueError) as e:
+        raise NotMedia(path, f"cannot open URI: {e}") from None
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise MissingFile(path, "no such object")
+    if info.size == 0:
+        raise EmptyFile(path, "object is empty (0 bytes)")
+    suffix = os.path.splitext(inner)[1]
+    with tempfile.NamedTemporaryFile(suffix=suffix, prefix="videopoet-") as tmp:
+        with fs.open_input_stream(inner) as src:
+            shutil.copyfileobj(src, tmp, length=1 << 20)
+        tmp.flush()
+        yield tmp.name
+
+
+# ---------------------------------------------------------------------------------------------------- info
+
+@dataclass(frozen=True)
+class StreamInfo:
+    index: int
+    kind: str  # video | audio | subtitle | data | attachment
+    codec: str
+    width: Optional[int] = None  # coded size
+    height: Optional[int] = None
+    pix_fmt: Optional[str] = None
+    fps: Optional[float] = None
+    sar: Optional[tuple[int, int]] = None
+    rotation: int = 0
+    alpha: bool = False
+    attached_pic: bool = False  # cover art: a picture, not a video
+    sample_rate: Optional[int] = None
+    channels: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    path: str
+    format: str
+    duration: Optional[float]  # seconds; None when neither the header nor a demux pass gives it
+    streams: tuple[StreamInfo, ...]
+    has_video: bool
+    has_audio: bool
+    is_image: bool
+    width: Optional[int]  # display size: sample aspect ratio and rotation applied
+    height: Optional[int]
+    coded_width: Optional[int]
+    coded_height: Optional[int]
+    fps: Optional[float]
+    rotation: int
+    has_alpha: bool
+    video_codec: Optional[str]
+    audio_codec: Optional[str]
+    audio_sample_rate: Optional[int]
+    audio_channels: Optional[int]
+    video_index: Optional[int]  # the stream ffmpeg should map (`0:<index>`)
+    audio_index: Optional[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_IMAGE_FORMATS = ("image2", "apng")  # single pictures also come as `<codec>_pipe` (png_pipe, jpeg_pipe, ...)
+
+
+def _summarize(path: str, fmt: str, duration: Optional[float], streams: list[StreamInfo]) -> MediaInfo:
+    video = next((s for s in streams if s.kind == "video" and not s.attached_pic), None)
+    audio = next((s for s in streams if s.kind == "audio"), None)
+    width = height = None
+    if video is not None and video.width and video.height:
+        sar = video.sar if video.sar and video.sar[0] > 0 and video.sar[1] > 0 else (1, 1)
+        width, height = round(video.width * sar[0] / sar[1]), video.height
+        if video.rotation in (90, 270):
+            width, height = height, width
+    return MediaInfo(
+        path=path, format=fmt, duration=duration, streams=tuple(streams),
+        has_video=video is not None, has_audio=audio is not None,
+        is_image=video is not None and (fmt in _IMAGE_FORMATS or fmt.endswith("_pipe")),
+        width=width, height=height,
+        coded_width=video.width if video else None, coded_height=video.height if video else None,
+        fps=video.fps if video else None, rotation=video.rotation if video else 0,
+        has_alpha=bool(video and video.alpha),
+        video_codec=video.codec if video else None, audio_codec=audio.codec if audio else None,
+        audio_sample_rate=audio.sample_rate if audio else None, audio_channels=audio.channels if audio else None,
+        video_index=video.index if video else None, audio_index=audio.index if audio else None,
+    )
+
+
+def _has_alpha(pix_fmt: Optional[str], alpha_mode: Optional[str]) -> bool:
+    # VP8/VP9 keep alpha in a side channel flagged by the `alpha_mode` tag; other codecs in their pixel format.
+    if alpha_mode == "1":
+        return True
+    return bool(pix_fmt) and (pix_fmt.startswith(("yuva", "rgba", "bgra", "argb", "abgr", "gbrap", "ya"))
+                              or pix_fmt == "pal8")
+
+
+def _rotation_from(display_matrix_degrees: Optional[float], rotate_tag: Optional[str]) -> int:
+    # The display matrix angle is counter-clockwise; the legacy `rotate` tag is clockwise.
+    if display_matrix_degrees is not None:
+        return int(round(-display_matrix_degrees)) % 360
+    if rotate_tag:
+        return int(round(float(rotate_tag))) % 360
+    return 0
+
+
+def _fraction(text: Optional[str]) -> Optional[float]:
+    if not text or text in ("0/0", "N/A"):
+        return None
+    num, _, den = text.partition("/")
+    value = float(num) / float(den or 1)
+    return value or None
+
+
+# ---------------------------------------------------------------------------------------------------- ffprobe
+
+def _parse_ffprobe(path: str, data: dict[str, Any]) -> MediaInfo:
+    streams = []
+    for s in data.get("streams", []):
+        tags = s.get("tags", {})
+        matrix = next((d.get("rotation") for d in s.get("side_data_list", [])
+                       if d.get("side_data_type") == "Display Matrix"), None)
+        sar = s.get("sample_aspect_ratio", "")
+        streams.append(StreamInfo(
+            index=int(s["index"]), kind=s.get("codec_type", "data"), codec=s.get("codec_name", "unknown"),
+            width=s.get("width"), height=s.get("height"), pix_fmt=s.get("pix_fmt"),
+            fps=_fraction(s.get("avg_frame_rate")) or _fraction(s.get("r_frame_rate")),
+            sar=tuple(int(x) for x in sar.split(":")) if re.fullmatch(r"\d+:\d+", sar) else None,
+            rotation=_rotation_from(None if matrix is None else float(matrix), tags.get("rotate")),
+            alpha=_has_alpha(s.get("pix_fmt"), tags.get("alpha_mode") or tags.get("ALPHA_MODE")),
+            attached_pic=bool(s.get("disposition", {}).get("attached_pic")),
+            sample_rate=int(s["sample_rate"]) if s.get("sample_rate") else None, channels=s.get("channels"),
+        ))
+    fmt = data.get("format", {})
+    duration = fmt.get("duration")
+    return _summarize(path, fmt.get("format_name", "unknown"), float(duration) if duration else None, streams)
+
+
+def _run_ffprobe(local: str, source: str, timeout_s: float) -> MediaInfo:
+    cmd = [ffprobe_exe(), "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
+           ffmpeg_url(local)]
+    proc = _run(cmd, source, timeout_s)
+    data = json.loads(proc.stdout or "{}")
+    if proc.returncode != 0 or "format" not in data:
+        raise NotMedia(source, _last_line(proc.stderr) or "ffprobe found no media")
+    return _parse_ffprobe(source, data)
+
+
+# ---------------------------------------------------------------------------------------------------- ffmpeg -i
+
+_INPUT = re.compile(r"^Input #0, (.+), from '")
+_DURATION = re.compile(r"^\s+Duration: (N/A|(\d+):(\d\d):(\d\d(?:\.\d+)?))")
+_STREAM = re.compile(r"^\s+Stream #0:(\d+)(?:\[0x[0-9a-f]+\])?(?:\([^)]*\))?: (\w+): (.*)$")
+_ROTATION = re.compile(r"rotation of (-?[\d.]+) degrees")
+_TAG = re.compile(r"^\s+(\w+)\s*: (.*)$")
+_LAYOUT_CHANNELS = {"mono": 1, "stereo": 2, "downmix": 2, "quad": 4, "hexagonal": 6, "octagonal": 8}
+
+
+def _split_top(text: str) -> list[str]:
+    """Split at commas outside parentheses and brackets: `yuv420p(tv, bt709), 640x360` -> 2 parts."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def _channels(layout: str) -> Optional[int]:
+    layout = layout.split("(")[0].strip()
+    if m := re.fullmatch(r"(\d+) channels", layout):
+        return int(m.group(1))
+    if m := re.fullmatch(r"(\d+)\.(\d+)", layout):
+        return int(m.group(1)) + int(m.group(2))
+    return _LAYOUT_CHANNELS.get(layout)
+
+
+def _parse_stream_line(index: int, kind: str, spec: str, matrix: Optional[float], tags: dict[str, str]) -> StreamInfo:
+    parts = _split_top(spec)
+    fields: dict[str, Any] = {"index": index, "kind": kind.lower(), "codec": parts[0].split()[0],
+                              "attached_pic": "(attached pic)" in spec}
+    if fields["kind"] == "video":
+        fields["pix_fmt"] = parts[1].split("(")[0].strip() if len(parts) > 1 else None
+        for part in parts[1:]:
+            if m := re.match(r"^(\d+)x(\d+)", part):
+                fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
+            if m := re.match(r"^([\d.]+)(k?) (fps|tbr)", part):
+                rate = float(m.group(1)) * (1000 if m.group(2) else 1)
+                fields.setdefault("fps", rate)  # fps comes before tbr: prefer the average rate
+        if m := re.search(r"SAR (\d+):(\d+)", spec):
+            fields["sar"] = (int(m.group(1)), int(m.group(2)))
+        fields["rotation"] = _rotation_from(matrix, tags.get("rotate"))
+        fields["alpha"] = _has_alpha(fields["pix_fmt"], tags.get("alpha_mode") or tags.get("ALPHA_MODE"))
+    elif fields["kind"] == "audio":
+        for i, part in enumerate(parts):
+            if m := re.fullmatch(r"(\d+) Hz", part):
+                fields["sample_rate"] = int(m.group(1))
+                fields["channels"] = _channels(parts[i + 1]) if i + 1 < len(parts) else None
+    return StreamInfo(**fields)
+
+
+def _parse_ffmpeg_dump(path: str, text: str) -> Optional[MediaInfo]:
+    """Parse the `Input #0` dump of `ffmpeg -i`; None when ffmpeg could not open the input."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if _INPUT.match(line)), None)
+    if start is None:
+        return None
+    fmt = _INPUT.match(lines[start]).group(1)
+    duration: Optional[float] = None
+    raw: list[list[Any]] = []  # [index, kind, spec, display matrix angle, tags] per stream
+    for line in lines[start + 1:]:
+        if not line.startswith(" "):
+            break
+        if m := _DURATION.match(line):
+            if m.group(1) != "N/A":
+                duration = int(m.group(2)) * 3600 + int(m.group(3)) * 60 + float(m.group(4))
+        elif m := _STREAM.match(line):
+            raw.append([int(m.group(1)), m.group(2), m.group(3), None, {}])
+        elif raw and (m := _ROTATION.search(line)):
+            raw[-1][3] = float(m.group(1))
+        elif raw and (m := _TAG.match(line)):
+            raw[-1][4].setdefault(m.group(1), m.group(2).strip())
+    streams = [_parse_stream_line(*r) for r in raw]
+    return _summarize(path, fmt, duration, streams)
+
+
+def _run_ffmpeg_dump(local: str, source: str, timeout_s: float) -> MediaInfo:
+    proc = _run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", ffmpeg_url(local)], source, timeout_s)
+    info = _parse_ffmpeg_dump(source, proc.stderr)
+    if info is None:
+        raise NotMedia(source, _last_line(proc.stderr) or "ffmpeg cannot read it")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- probe
+
+def _run(cmd: list[str], source: str, timeout_s: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise DecodeTimeout(source, f"{os.path.basename(cmd[0])} gave no answer within {timeout_s:g} s") from None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _demuxed_duration(local: str, source: str, timeout_s: float) -> Optional[float]:
+    """The end time of the last packet, read by copying packets to the null muxer: no decoding, one read."""
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", ffmpeg_url(local), "-map", "0",
+           "-c", "copy", "-f", "null", "-progress", "pipe:1", "-nostats", "-"]
+    out = _run(cmd, source, timeout_s).stdout
+    times = re.findall(r"^out_time_us=(\d+)$", out, flags=re.M)
+    return int(times[-1]) / 1e6 if times and int(times[-1]) > 0 else None
+
+
+def probe_local(local: str, source: str, timeout_s: float = 60.0) -> MediaInfo:
+    """Probe a local file, naming it `source` in the result and in errors."""
+    check_local(local, source)
+    info = (_run_ffprobe if ffprobe_exe() else _run_ffmpeg_dump)(local, source, timeout_s)
+    if info.duration is None and not info.is_image and os.path.isfile(local):
+        info = dataclasses.replace(info, duration=_demuxed_duration(local, source, timeout_s))
+    return info
+
+
+def probe(path: str, timeout_s: float = 60.0) -> MediaInfo:
+    """Streams, duration, size, frame rate and rotation of a media file or URI, without decoding it."""
+    with local_file(str(path)) as local:
+        return probe_local(local, str(path), timeout_s)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="videopoet probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", metavar="FILE", help="media files or URIs")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per file")
+    args = parser.parse_args(argv)
+    failed = 0
+    for path in args.files:
+        try:
+            record = probe(path, timeout_s=args.timeout).to_dict()
+        except MediaError as e:
+            failed += 1
+            record = {"path": path, "error": {"kind": e.kind, "message": e.message}}
+        print(json.dumps(record), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

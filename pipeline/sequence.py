@@ -356,6 +356,8 @@ class Layout:
         task = Task(task)
         spec = TASKS[task]
         ids = _as_ids(task, ids)
+        if len(frame) != 2 or min(frame) < 1:
+            raise ShapeError.of(task, f"frame must be the latent (h, w) of one frame, got {tuple(frame)}")
         found = {token: np.flatnonzero(ids == token) for token in _DELIMITERS}
         for token, hits in found.items():
             if hits.size > 1:

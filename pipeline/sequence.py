@@ -277,7 +277,8 @@ class Layout:
         if self.text_tokens or self.text_embeddings:
             special(Special.BOT_I)
             if self.text_embeddings:
-                runs.append(("text", "text", self.text_embeddings, Special.TEXT_EMBEDDING, Special.TEXT_EMBEDDING + 1))
+                placeholder = int(Special.TEXT_EMBEDDING)
+                runs.append(("text", "text", self.text_embeddings, placeholder, placeholder + 1))
             else:
                 runs.append(("text", "text", self.text_tokens, *vocab.text_range))
             special(Special.EOT_I)

@@ -172,8 +172,9 @@ def load_config(cls: type[T], source: str | Path | None = None, overrides: typin
     """Resolve a config: dataclass defaults <- TOML file <- `section.key=value` overrides.
 
     `source` is a TOML path or a flavor name. With `kind="video_tokenizer"` a flavor is one file of that kind. An app
-    config made of sections takes `kind={"model": "video_tokenizer", "train": "train_video_tokenizer"}`: a flavor
-    name then assembles each section from its own kind's flavor file (sections without one keep their defaults).
+    config made of sections takes `kind={"": "train_video_tokenizer", "model": "video_tokenizer"}`: a flavor name
+    then assembles each section from its own kind's flavor file, "" being the app's own file of top-level keys and
+    remaining sections; sections without a file keep their defaults.
     """
     data: dict[str, Any] = {}
     if source is not None:
@@ -184,8 +185,13 @@ def load_config(cls: type[T], source: str | Path | None = None, overrides: typin
             else:
                 if not any((CONFIG_DIR / k / f"{source}.toml").exists() for k in kind.values()):
                     flavor_path(next(iter(kind.values())), source)  # raises, listing the flavors there are
-                data = {section: read_toml(CONFIG_DIR / k / f"{source}.toml") for section, k in kind.items()
-                        if (CONFIG_DIR / k / f"{source}.toml").exists()}
+                for section, k in kind.items():
+                    path = CONFIG_DIR / k / f"{source}.toml"
+                    if path.exists():
+                        if section:
+                            data[section] = read_toml(path)
+                        else:
+                            data.update(read_toml(path))
         else:
             data = read_toml(source)
     return from_dict(cls, apply_overrides(data, overrides))

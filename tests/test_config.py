@@ -89,6 +89,8 @@ def test_sectioned_flavors(tmp_path, monkeypatch):
     (tmp_path / "m" / "tiny.toml").write_text("width = 2\n")
     (tmp_path / "t" / "tiny.toml").write_text('kind = "b"\n')
     (tmp_path / "m" / "only.toml").write_text("width = 3\n")
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "tiny.toml").write_text("[train]\nratio = 0.25\n")
     monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
     kinds = {"model": "m", "train": "t"}
     app = load_config(App, "tiny", ["train.width=5"], kind=kinds)
@@ -96,3 +98,5 @@ def test_sectioned_flavors(tmp_path, monkeypatch):
     assert load_config(App, "only", kind=kinds) == App(model=Inner(width=3))
     with pytest.raises(ConfigError, match="no flavor 'huge'.*only, tiny"):
         load_config(App, "huge", kind=kinds)
+    app = load_config(App, "tiny", kind={"": "app", "model": "m"})
+    assert app == App(model=Inner(width=2), train=Inner(ratio=0.25))

@@ -1,0 +1,255 @@
+"""A synthetic audio-visual world that tiny models can learn and an oracle can check.
+
+Each clip shows one shape of one color on a plain gray background, moving across the frame, with a sound that carries
+the same three attributes: the shape sets the pitch, the color sets which overtone sounds with it, the motion sets the
+rate of a slow tremolo. Video determines audio and back. The features are chosen to survive 64x64 downscaling, H.264/
+AAC and lossy neural tokenizers: saturated, well-separated hues; large shapes; motion across ~a third of the frame;
+partials far apart in frequency; tremolo rates of a few hertz. Nuisances (size, start position, travel, background
+brightness, loudness, phases) are seeded per clip and kept small.
+
+The source frame may be wider than tall (160x128 by default) and faster (24 fps) than the model's clips, so decoding
+exercises resampling and the center crop; the object always stays inside the center square.
+
+    videopoet synth --out DIR --clips 96 --seed 0 [--set frames=51 ...]
+
+writes DIR/videos/*.mp4 (H.264 + AAC), DIR/manifest.jsonl (path, caption, id, split, shape, color, motion) and
+DIR/synth_config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from pipeline.config import load_config, to_json
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = ("red", "green", "blue", "yellow")
+MOTIONS = ("left", "right", "up", "down")
+ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLORS, "motion": MOTIONS}
+
+# Saturated colors a quarter to a third of the hue circle apart; blue is lifted so it stays clear of a dark background.
+PALETTE: dict[str, tuple[float, float, float]] = {
+    "red": (0.92, 0.12, 0.10),
+    "green": (0.12, 0.85, 0.12),
+    "blue": (0.15, 0.30, 1.00),
+    "yellow": (0.92, 0.90, 0.10),
+}
+# Unit direction of travel in image coordinates (y grows downwards).
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+# Fundamentals a fifth apart, no one a harmonic of another; overtone orders put the second partial well clear of
+# every fundamental; tremolo rates 2 Hz apart stay distinct even over a 5-frame (0.6 s) clip.
+PITCH_HZ: dict[str, float] = {"circle": 220.0, "square": 330.0, "triangle": 495.0}
+OVERTONE: dict[str, int] = {"red": 2, "green": 3, "blue": 4, "yellow": 5}
+TREMOLO_HZ: dict[str, float] = {"left": 2.0, "right": 4.0, "up": 6.0, "down": 8.0}
+
+# Object extent per unit of `size`: equal areas (a circle of diameter `size`), so area never gives the shape away.
+HALF_EXTENT: dict[str, tuple[float, float]] = {
+    "circle": (0.5, 0.5),
+    "square": (math.sqrt(math.pi) / 4, math.sqrt(math.pi) / 4),
+    # equilateral, side s = sqrt(pi / sqrt 3) with its centroid at the position: 2/3 of the height lies above it
+    "triangle": (math.sqrt(math.pi / math.sqrt(3)) / 2, math.sqrt(math.pi / math.sqrt(3)) / math.sqrt(3)),
+}
+
+
+def caption(attributes: Mapping[str, str]) -> str:
+    return f"a {attributes['color']} {attributes['shape']} moving {attributes['motion']}"
+
+
+def attribute_schedule(seed: int, n: int) -> list[dict[str, str]]:
+    """Attributes of clips 0..n-1, balanced for every n.
+
+    shape = i mod 3 and color = i mod 4 walk all 12 pairs in 12 steps (3 and 4 are coprime); motion = i mod 4 steps
+    one further every 12 clips, so each pair meets every motion once in 48. Each attribute cycles through its values,
+    so in any prefix its counts differ by at most 1, and so do the counts of the 48 combinations. The seed permutes
+    the values of each attribute.
+    """
+    rng = np.random.default_rng(seed)
+    shapes, colors, motions = ([values[j] for j in rng.permutation(len(values))] for values in ATTRIBUTES.values())
+    pairs = len(SHAPES) * len(COLORS)
+    return [{"shape": shapes[i % len(shapes)], "color": colors[i % len(colors)],
+             "motion": motions[(i + i // pairs) % len(motions)]} for i in range(n)]
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    width: int = 160
+    height: int = 128
+    fps: int = 24
+    frames: int = 51  # 2.125 s at 24 fps: one 17-frame clip at 8 fps
+    sample_rate: int = 16000
+    # Geometry in units of the center square's side.
+    size: tuple[float, float] = (0.30, 0.36)  # diameter of the equal-area circle
+    travel: tuple[float, float] = (0.30, 0.38)  # distance covered over the clip
+    cross_jitter: float = 0.08  # offset from the center across the direction of travel
+    margin: float = 0.02  # kept free between the object and the center square's border
+    background: tuple[float, float] = (0.10, 0.22)  # gray level
+    volume: tuple[float, float] = (0.35, 0.50)  # peak amplitude
+    overtone_gain: float = 0.7  # overtone amplitude relative to the fundamental
+    tremolo_depth: float = 0.7  # the envelope dips to 1 - depth
+    val_fraction: float = 0.1
+
+    def __post_init__(self):
+        if self.width < 32 or self.height < 32:
+            raise ValueError(f"SynthConfig: frames must be at least 32x32, got {self.width}x{self.height}")
+        if self.frames < 2 or self.fps < 1 or self.sample_rate < 8000:
+            raise ValueError(f"SynthConfig: need frames >= 2, fps >= 1 and sample_rate >= 8000, got frames="
+                             f"{self.frames} fps={self.fps} sample_rate={self.sample_rate}")
+        for name in ("size", "travel", "background", "volume"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"SynthConfig.{name}: expected 0 < low <= high <= 1, got {(lo, hi)}")
+        widest = max(max(h) for h in HALF_EXTENT.values()) * self.size[1]
+        if self.travel[1] + 2 * (widest + self.margin) > 1 or self.cross_jitter + widest + self.margin > 0.5:
+            raise ValueError(f"SynthConfig: objects of size {self.size[1]} travelling {self.travel[1]} (cross jitter "
+                             f"{self.cross_jitter}, margin {self.margin}) leave the center square")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"SynthConfig.val_fraction: expected a share in [0, 1), got {self.val_fraction}")
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.fps
+
+    @property
+    def samples(self) -> int:
+        return round(self.seconds * self.sample_rate)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Everything that decides one clip's pixels and samples. Geometry in units of the center square's side."""
+
+    id: str
+    split: str
+    shape: str
+    color: str
+    motion: str
+    size: float
+    start: tuple[float, float]  # object position (x, y) in the first frame
+    end: tuple[float, float]  # and in the last
+    background: float
+    volume: float
+    phases: tuple[float, float, float]  # fundamental, overtone, tremolo
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        return {"shape": self.shape, "color": self.color, "motion": self.motion}
+
+    @property
+    def caption(self) -> str:
+        return caption(self.attributes)
+
+
+def plan(cfg: SynthConfig, seed: int, n: int) -> list[ClipSpec]:
+    """The specs of clips 0..n-1. Clip i depends only on (seed, i), so a larger n extends a corpus."""
+    if seed < 0 or n < 0:
+        raise ValueError(f"synth: seed and clip count must be non-negative, got seed={seed} n={n}")
+    specs = []
+    for i, attrs in enumerate(attribute_schedule(seed, n)):
+        rng = np.random.default_rng([seed, i])
+        size = rng.uniform(*cfg.size)
+        travel = rng.uniform(*cfg.travel)
+        dx, dy = DIRECTIONS[attrs["motion"]]
+        along = 0 if dx else 1
+        # Room for the object's center along the direction of travel, and a start that fits the whole travel in it.
+        half = HALF_EXTENT[attrs["shape"]][along] * size + cfg.margin
+        first = rng.uniform(half, 1 - half - travel)
+        last = first + travel
+        if dx + dy < 0:
+            first, last = 1 - first, 1 - last
+        cross = 0.5 + rng.uniform(-cfg.cross_jitter, cfg.cross_jitter)
+        start, end = ((first, cross), (last, cross)) if along == 0 else ((cross, first), (cross, last))
+        # Evenly spread validation clips: clip i is val when i crosses the next multiple of 1 / val_fraction.
+        split = "val" if math.floor((i + 1) * cfg.val_fraction) > math.floor(i * cfg.val_fraction) else "train"
+        specs.append(ClipSpec(
+            id=f"synth-{seed}-{i:06d}", split=split, **attrs, size=size, start=start, end=end,
+            background=rng.uniform(*cfg.background), volume=rng.uniform(*cfg.volume),
+            phases=tuple(rng.uniform(0, 2 * math.pi, 3))))
+    return specs
+
+
+def signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, size: float) -> np.ndarray:
+    """Distance outside the shape's edge (negative inside), for offsets from its position, in the units of size."""
+    if shape == "circle":
+        return np.hypot(dx, dy) - size / 2
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) - HALF_EXTENT["square"][0] * size
+    # Equilateral triangle, apex up: the farthest of its three edge lines; the inradius is a third of the height.
+    inradius = HALF_EXTENT["triangle"][1] * size / 2
+    sides = np.maximum(math.sqrt(3) / 2 * dx, -math.sqrt(3) / 2 * dx) - 0.5 * dy
+    return np.maximum(sides, dy) - inradius
+
+
+def render_video(spec: ClipSpec, cfg: SynthConfig) -> np.ndarray:
+    """uint8 (T, H, W, 3): the object antialiased by its pixel coverage, moving linearly from start to end."""
+    side = min(cfg.width, cfg.height)
+    t = np.linspace(0.0, 1.0, cfg.frames)
+    # Object center per frame, in pixels of the full frame (pixel centers sit at integer + 0.5).
+    cx = (cfg.width - side) / 2 + side * (spec.start[0] + (spec.end[0] - spec.start[0]) * t)
+    cy = (cfg.height - side) / 2 + side * (spec.start[1] + (spec.end[1] - spec.start[1]) * t)
+    dx = np.arange(cfg.width)[None, None, :] + 0.5 - cx[:, None, None]
+    dy = np.arange(cfg.height)[None, :, None] + 0.5 - cy[:, None, None]
+    coverage = np.clip(0.5 - signed_distance(spec.shape, dx, dy, spec.size * side), 0.0, 1.0)
+    color = np.asarray(PALETTE[spec.color], dtype=np.float32)
+    frames = spec.background + coverage[..., None].astype(np.float32) * (color - spec.background)
+    return np.round(frames * 255).astype(np.uint8)
+
+
+def render_audio(spec: ClipSpec, cfg: SynthConfig) -> np.ndarray:
+    """float32 mono: fundamental + overtone under a tremolo, with 10 ms fades against clicks."""
+    t = np.arange(cfg.samples) / cfg.sample_rate
+    f0 = PITCH_HZ[spec.shape]
+    p0, p1, p2 = spec.phases
+    tone = np.sin(2 * np.pi * f0 * t + p0) + cfg.overtone_gain * np.sin(2 * np.pi * OVERTONE[spec.color] * f0 * t + p1)
+    tremolo = 1 - cfg.tremolo_depth * 0.5 * (1 - np.cos(2 * np.pi * TREMOLO_HZ[spec.motion] * t + p2))
+    fade = np.clip(np.minimum(t, cfg.seconds - t) / 0.01, 0.0, 1.0)
+    return (spec.volume / (1 + cfg.overtone_gain) * tremolo * fade * tone).astype(np.float32)
+
+
+def write_corpus(out: str | Path, cfg: SynthConfig, n: int, seed: int) -> list[dict]:
+    """Render n clips to out/videos/<id>.mp4; write out/manifest.jsonl and out/synth_config.json. Returns the rows."""
+    from pipeline.media import write_video
+
+    out = Path(out)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for spec in plan(cfg, seed, n):
+        path = Path("videos") / f"{spec.id}.mp4"
+        write_video(str(out / path), render_video(spec, cfg), cfg.fps, render_audio(spec, cfg), cfg.sample_rate)
+        rows.append({"path": path.as_posix(), "caption": spec.caption, "id": spec.id, "split": spec.split,
+                     **spec.attributes})
+    with open(out / "manifest.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    (out / "synth_config.json").write_text(to_json(cfg) + "\n")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="videopoet synth", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (videos/, manifest.jsonl, synth_config.json)")
+    parser.add_argument("--clips", type=int, default=96, help="number of clips (default 96: each combination twice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default=None, help="a TOML file of SynthConfig fields")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one SynthConfig field, e.g. --set frames=17")
+    args = parser.parse_args(argv)
+    cfg = load_config(SynthConfig, args.config, args.overrides, kind="synth")
+    began = time.perf_counter()
+    rows = write_corpus(args.out, cfg, args.clips, args.seed)
+    val = sum(row["split"] == "val" for row in rows)
+    print(f"synth: {len(rows)} clips ({len(rows) - val} train, {val} val) of {cfg.width}x{cfg.height} at {cfg.fps} fps, "
+          f"{cfg.seconds:.3f} s, seed {args.seed} -> {args.out} in {time.perf_counter() - began:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,6 +17,7 @@ class Inner:
 class Outer:
     name: str = "x"
     sizes: tuple[int, ...] = (1, 2)
+    pair: tuple[float, int] = (0.5, 1)
     path: str | None = None
     flag: bool = False
     inner: Inner = dataclasses.field(default_factory=Inner)
@@ -25,8 +26,10 @@ class Outer:
 def test_defaults_file_and_overrides(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('name = "file"\nsizes = [3, 4, 5]\n[inner]\nwidth = 16\n')
-    cfg = load_config(Outer, path, ["inner.width=32", "inner.ratio=1", "path=some/where", "flag=true"])
-    assert cfg == Outer(name="file", sizes=(3, 4, 5), path="some/where", flag=True, inner=Inner(width=32, ratio=1.0))
+    cfg = load_config(Outer, path, ["inner.width=32", "inner.ratio=1", "path=some/where", "flag=true", "pair=[1, 2]"])
+    assert cfg == Outer(name="file", sizes=(3, 4, 5), pair=(1.0, 2), path="some/where", flag=True,
+                        inner=Inner(width=32, ratio=1.0))
+    assert isinstance(cfg.pair[0], float)
     assert isinstance(cfg.inner.ratio, float)
     assert load_config(Outer) == Outer()
 
@@ -47,6 +50,8 @@ def test_override_beats_file(tmp_path):
         ({"inner": {"width": True}}, "inner.width"),
         ({"inner": {"kind": "c"}}, "inner.kind"),
         ({"sizes": [1, "2"]}, "sizes[1]"),
+        ({"pair": [1.0, 2.5]}, "pair[1]"),
+        ({"pair": [1.0]}, "pair"),
         ({"flag": 1}, "flag"),
         ({"inner": 3}, "inner"),
     ],

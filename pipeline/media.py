@@ -220,6 +220,10 @@ class _Process:
             self.proc = subprocess.Popen(
                 decode_command(local, info, cfg, audio_w if with_audio else None), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, pass_fds=(audio_w,) if with_audio else ())
+        except BaseException:
+            if with_audio:
+                os.close(audio_r)
+            raise
         finally:
             if with_audio:
                 os.close(audio_w)  # ffmpeg holds the write end now; ours would hide its EOF
@@ -300,6 +304,8 @@ def _new_clip(source: str, index: int, frames: np.ndarray, cfg: MediaConfig, pad
 def _stream_clips(local: str, source: str, info: MediaInfo, cfg: MediaConfig) -> Iterator[Clip]:
     if not info.has_video:
         raise NoVideoStream(source, f"no video stream (streams: {[s.kind for s in info.streams] or 'none'})")
+    if not (info.width and info.height):
+        raise CorruptMedia(source, f"video stream {info.video_index} ({info.video_codec}) has no frame size")
     limit = cfg.max_clips or float("inf")
     windows = _Windows(1 if info.is_image else cfg.clip_frames, cfg.stride_frames)
     proc = _Process(local, info, cfg, with_audio=cfg.audio and info.has_audio and not info.is_image)

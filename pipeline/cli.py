@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("train.demo", "run the end-to-end demo on embedded defaults"),
     "synth": ("pipeline.synth", "write a synthetic audio-visual corpus (MP4 files + manifest)"),
     "probe": ("pipeline.probe", "print stream information of media files as JSON, one object per file"),
+    "train": ("train.cli", "train a tokenizer, the LLM or the super-resolution stage on Ray Train"),
 }
 
 

@@ -7,8 +7,9 @@ by name. The TorchScript detector that StyleGAN-V ships (`i3d_torchscript.pt`) i
 softmax, averaged over time: the features of the original FVD.
 
 Preprocessing (`I3DConfig`, defaults): the first 16 frames; the shorter side resized to 224 with bilinear
-interpolation and no antialiasing, then a center crop (the resize of the StyleGAN-V / fvd-comparison code; for the
-paper's square 256x256 clips this is a plain 256 -> 224 resize); uint8 [0, 255] scaled to [-1, 1].
+interpolation and no antialiasing (torchvision's Resize), then a center crop, as the StyleGAN-V / fvd-comparison
+code does; for the paper's square 256x256 clips this is a plain 256 -> 224 resize. uint8 [0, 255] is scaled to
+[-1, 1]. Bicubic and antialiasing are options: state the protocol next to every number.
 """
 
 from __future__ import annotations

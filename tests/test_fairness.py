@@ -49,7 +49,8 @@ def test_distribution_stats_values_and_intervals():
     assert stats.max_min_ratio.value == pytest.approx(2.5)
     for interval in (stats.entropy, stats.kl_divergence, stats.total_variation, stats.max_min_ratio):
         assert interval.low <= interval.value <= interval.high
-    assert (stats.distribution_low <= stats.distribution).all() and (stats.distribution <= stats.distribution_high).all()
+    assert (stats.distribution_low <= stats.distribution).all()
+    assert (stats.distribution <= stats.distribution_high).all()
     # The binomial standard error of 0.5 at n = 100 is 0.05: the 95% interval spans about +-1.96 of it.
     assert stats.distribution_high[0] - stats.distribution_low[0] == pytest.approx(0.196, abs=0.03)
     again = distribution_stats(labels, ["a", "b", "c"], n_boot=2000, seed=3)

@@ -1,0 +1,357 @@
+"""Token shards: the Parquet schema (version 1), atomic writers that need no Ray, and a reader that refuses to mix
+tokenizers.
+
+Layout of a tokenize job's output folder OUT:
+
+    OUT/<fingerprint>/shard-00000.parquet        token shards and nothing else: any Parquet reader loads the folder
+    OUT/_jobs/<fingerprint>/job.json             the job manifest: configs, input counts, per-shard totals, status
+    OUT/_jobs/<fingerprint>/shards/shard-00000.json   one record per finished shard (counts and failed inputs)
+    OUT/_jobs/<fingerprint>/errors.parquet       every input that failed: source, id, stage, error_kind, message
+
+`<fingerprint>` covers everything that decides the tokens (the tokenizers' own fingerprints, the decode settings and
+the optional outputs), so re-tokenizing with a new tokenizer writes a new folder and leaves the old one untouched.
+
+Exactly once: inputs are assigned to shards by position in the id-sorted manifest, and a shard is done when its
+record exists and, if it has clips, its Parquet file too. Each file is written atomically: under a hidden temporary
+name then renamed on filesystems with atomic rename, and straight to its final key on object stores, where an
+upload becomes visible only once complete (shard keys are written at most once). A shard without clips has a record
+and no Parquet file, because some readers (Hugging Face `datasets`) reject Parquet files without rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import posixpath
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pa_ds
+import pyarrow.fs as pa_fs
+import pyarrow.parquet as pq
+
+from pipeline.manifest import resolve_filesystem
+
+SCHEMA_VERSION = 1
+JOBS_DIR = "_jobs"
+META_KEY = b"videopoet"
+OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
+FINGERPRINT_CHARS = 16
+_SHARD_FILE = re.compile(r"^shard-(\d{5,})\.parquet$")
+_FINGERPRINT = re.compile(rf"^[0-9a-f]{{{FINGERPRINT_CHARS}}}$")
+
+# Token columns come in pairs: `<name>_tokens` (flattened, row-major over the shape) and `<name>_shape`.
+TOKEN_TYPES = {"video": pa.int32(), "audio": pa.int16(), "hr_video": pa.int32(), "structure": pa.int32()}
+
+
+class ShardError(ValueError):
+    """Shards that cannot be read together, or a file that is not a shard of this schema; names the files."""
+
+
+def _token_fields(name: str, dtype: pa.DataType, nullable: bool) -> list[pa.Field]:
+    return [pa.field(f"{name}_tokens", pa.list_(dtype), nullable), pa.field(f"{name}_shape", pa.list_(pa.int32()),
+                                                                            nullable)]
+
+
+SCHEMA = pa.schema([
+    pa.field("clip_id", pa.string(), False),  # "<id>#<clip index, 5 digits>": stable across runs
+    pa.field("id", pa.string(), False),  # the manifest's id (default: the source as written)
+    pa.field("source", pa.string(), False),  # the path or URI as written in the manifest
+    pa.field("clip_index", pa.int32(), False),
+    pa.field("start", pa.float64(), False),  # seconds from the start of the source
+    pa.field("end", pa.float64(), False),
+    pa.field("caption", pa.string()),
+    pa.field("split", pa.string()),
+    pa.field("extras", pa.string()),  # JSON object of the manifest's other columns, null when there are none
+    *_token_fields("video", TOKEN_TYPES["video"], False),  # (t, h, w) codes of the video tokenizer
+    *_token_fields("audio", TOKEN_TYPES["audio"], True),  # (levels, frames), level-major; null without audio
+    pa.field("has_audio", pa.bool_(), False),  # the source has an audio stream
+    pa.field("padded_frames", pa.int32(), False),  # trailing frames repeating the last one (sources shorter than a clip)
+    pa.field("source_fps", pa.float64()),
+    pa.field("source_width", pa.int32()),
+    pa.field("source_height", pa.int32()),
+    pa.field("source_duration", pa.float64()),
+    *_token_fields("hr_video", TOKEN_TYPES["hr_video"], True),  # the same clip at 2x, for super-resolution
+    *_token_fields("structure", TOKEN_TYPES["structure"], True),  # flow + luminance video, for stylization
+])
+
+ERRORS_SCHEMA = pa.schema([
+    pa.field("source", pa.string(), False),
+    pa.field("id", pa.string(), False),
+    pa.field("stage", pa.string(), False),  # where it failed: decode, video_tokenizer, ...
+    pa.field("error_kind", pa.string(), False),  # missing, empty, not_media, no_video, corrupt, timeout, too_short
+    pa.field("message", pa.string(), False),
+    pa.field("clips_kept", pa.int32(), False),  # clips decoded before the failure (a file damaged part-way)
+])
+
+
+# ---------------------------------------------------------------------------------------------------- names
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def shard_index(name: str) -> int | None:
+    match = _SHARD_FILE.match(posixpath.basename(name))
+    return int(match.group(1)) if match else None
+
+
+def record_name(index: int) -> str:
+    return f"shard-{index:05d}.json"
+
+
+def fingerprint_of(tokenizers: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+    """The folder name of a tokenization: a short hash of the tokenizers' fingerprints and the settings."""
+    key = {"schema_version": SCHEMA_VERSION, "tokenizers": {k: v and v["fingerprint"] for k, v in tokenizers.items()},
+           "settings": settings}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:FINGERPRINT_CHARS]
+
+
+def is_fingerprint(name: str) -> bool:
+    return bool(_FINGERPRINT.match(name))
+
+
+# ---------------------------------------------------------------------------------------------------- metadata
+
+@dataclass(frozen=True)
+class ShardMeta:
+    """What a shard file says about itself (Parquet key-value metadata `videopoet`, one JSON object)."""
+
+    fingerprint: str
+    tokenizers: dict[str, Any]  # {"video": {"fingerprint", "kind", "config"}, "audio": {...} or None}
+    settings: dict[str, Any]  # decode settings and optional outputs
+    shard: dict[str, Any]  # index, inputs, clips, first_id, last_id
+    created: str  # ISO 8601, UTC
+    schema_version: int = SCHEMA_VERSION
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        return {META_KEY: json.dumps(dataclasses.asdict(self), sort_keys=True).encode()}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[bytes, bytes] | None, where: str) -> "ShardMeta":
+        if not metadata or META_KEY not in metadata:
+            raise ShardError(f"{where}: not a videopoet token shard (no '{META_KEY.decode()}' metadata)")
+        data = json.loads(metadata[META_KEY])
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ShardError(f"{where}: shard schema version {data.get('schema_version')}, this code reads "
+                             f"version {SCHEMA_VERSION}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+
+def _list_array(values: np.ndarray, dtype: pa.DataType, valid: np.ndarray | None = None) -> pa.ListArray:
+    """Rows of a 2-D array as a list column; rows where `valid` is false become nulls."""
+    rows, width = values.shape
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width, pa.int32())
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), dtype)
+    mask = None if valid is None else pa.array(~np.asarray(valid, bool))
+    return pa.ListArray.from_arrays(offsets, flat, type=pa.list_(dtype), mask=mask)
+
+
+def _nullable(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    values = np.asarray(values, np.float64)
+    return pa.array(values, pa.float64(), mask=np.isnan(values)).cast(dtype, safe=False)
+
+
+def clips_table(batch: Mapping[str, Any]) -> pa.Table:
+    """Decoded-and-tokenized clip rows (numpy columns as the tokenize job's stages produce them) -> SCHEMA.
+
+    Token columns are 2-D arrays `<name>_tokens` (rows, n) and `<name>_shape` (rows, k); optional outputs that are
+    absent become null columns, and audio tokens are null where `has_audio` is false.
+    """
+    rows = len(batch["clip_id"])
+    has_audio = np.asarray(batch["has_audio"], bool)
+    columns: dict[str, pa.Array] = {}
+    for field in SCHEMA:
+        name = field.name
+        if name.endswith(("_tokens", "_shape")):
+            prefix = name.rsplit("_", 1)[0]
+            if name not in batch:
+                if not field.nullable:
+                    raise KeyError(f"clips_table: the batch lacks the required column {name!r}")
+                columns[name] = pa.nulls(rows, field.type)
+                continue
+            dtype = field.type.value_type
+            columns[name] = _list_array(np.asarray(batch[name]), dtype, has_audio if prefix == "audio" else None)
+        elif name in ("source_fps", "source_width", "source_height", "source_duration"):
+            columns[name] = _nullable(batch[name], field.type)
+        elif name in ("caption", "split", "extras"):
+            columns[name] = pa.array([None if v is None else str(v) for v in batch.get(name, [None] * rows)],
+                                     pa.string())
+        else:
+            columns[name] = pa.array(np.asarray(batch[name]).tolist(), field.type)
+    return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+def errors_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([{f.name: row[f.name] for f in ERRORS_SCHEMA} for row in rows], schema=ERRORS_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+def is_object_store(fs: pa_fs.FileSystem) -> bool:
+    return fs.type_name in OBJECT_STORES
+
+
+def write_atomic(fs: pa_fs.FileSystem, path: str, write: Callable[[Any], None]) -> None:
+    """Write `path` so that readers see either nothing or the whole file, never a part of it."""
+    directory, name = posixpath.split(path)
+    if is_object_store(fs):
+        with fs.open_output_stream(path) as out:
+            write(out)
+        return
+    fs.create_dir(directory, recursive=True)
+    tmp = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with fs.open_output_stream(tmp) as out:
+            write(out)
+        fs.move(tmp, path)
+    except BaseException:
+        if fs.get_file_info(tmp).type != pa_fs.FileType.NotFound:
+            fs.delete_file(tmp)
+        raise
+
+
+def remove_temporaries(fs: pa_fs.FileSystem, directory: str) -> int:
+    """Delete what writers killed mid-way left behind (hidden `*.tmp-*` files); returns how many."""
+    if is_object_store(fs) or fs.get_file_info(directory).type != pa_fs.FileType.Directory:
+        return 0
+    stale = [i.path for i in fs.get_file_info(pa_fs.FileSelector(directory, recursive=True))
+             if i.type == pa_fs.FileType.File and posixpath.basename(i.path).startswith(".")
+             and ".tmp-" in posixpath.basename(i.path)]
+    for path in stale:
+        fs.delete_file(path)
+    return len(stale)
+
+
+def write_table(fs: pa_fs.FileSystem, path: str, table: pa.Table, metadata: Mapping[bytes, bytes] | None = None) -> None:
+    if metadata is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    write_atomic(fs, path, lambda out: pq.write_table(table, out))
+
+
+def write_json(fs: pa_fs.FileSystem, path: str, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+    write_atomic(fs, path, lambda out: out.write(text))
+
+
+def read_json(fs: pa_fs.FileSystem, path: str) -> Any | None:
+    """The parsed file, or None when it does not exist."""
+    if fs.get_file_info(path).type == pa_fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.load(io.BytesIO(f.read()))
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+def read_meta(fs: pa_fs.FileSystem, path: str) -> ShardMeta:
+    try:
+        with fs.open_input_file(path) as f:
+            schema = pq.read_schema(f)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise ShardError(f"{path}: cannot read as Parquet: {e}") from None
+    return ShardMeta.from_metadata(schema.metadata, path)
+
+
+def shard_files(fs: pa_fs.FileSystem, directory: str) -> list[str]:
+    """The shard files directly inside `directory`, in shard order."""
+    infos = fs.get_file_info(pa_fs.FileSelector(directory, allow_not_found=True))
+    files = [i.path for i in infos if i.type == pa_fs.FileType.File and shard_index(i.path) is not None]
+    return sorted(files, key=lambda p: shard_index(p))
+
+
+def fingerprint_dirs(fs: pa_fs.FileSystem, root: str) -> list[str]:
+    """The names of the tokenization folders directly inside a job's output folder."""
+    infos = fs.get_file_info(pa_fs.FileSelector(root, allow_not_found=True))
+    return sorted(posixpath.basename(i.path) for i in infos
+                  if i.type == pa_fs.FileType.Directory and is_fingerprint(posixpath.basename(i.path)))
+
+
+def _join(location: str, name: str) -> str:
+    return f"{location.rstrip('/')}/{name}"
+
+
+def _expand(location: str) -> tuple[pa_fs.FileSystem, list[str]]:
+    """The shard files of one location: a shard file, a tokenization folder, or a job's OUT with one of them."""
+    fs, path = resolve_filesystem(location)
+    info = fs.get_file_info(path)
+    if info.type == pa_fs.FileType.NotFound:
+        raise ShardError(f"shards: {location} does not exist")
+    if info.type == pa_fs.FileType.File:
+        return fs, [path]
+    files = shard_files(fs, path)
+    if files:
+        return fs, files
+    found = fingerprint_dirs(fs, path)
+    if len(found) > 1:
+        raise ShardError(f"shards: {location} holds {len(found)} tokenizations ({', '.join(found)}); they come from "
+                         f"different tokenizers or settings and cannot be mixed: pick one, e.g. "
+                         f"{_join(location, found[0])}")
+    if found:
+        return fs, shard_files(fs, posixpath.join(path, found[0]))
+    raise ShardError(f"shards: no shard files (shard-NNNNN.parquet) under {location}")
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Shard files of one tokenization, checked to share a fingerprint."""
+
+    filesystem: pa_fs.FileSystem
+    files: tuple[str, ...]
+    metas: tuple[ShardMeta, ...]
+
+    @property
+    def meta(self) -> ShardMeta:
+        return self.metas[0]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta.fingerprint
+
+    @property
+    def clips(self) -> int:
+        return sum(m.shard["clips"] for m in self.metas)
+
+    def dataset(self) -> pa_ds.Dataset:
+        return pa_ds.dataset(list(self.files), schema=SCHEMA, format="parquet", filesystem=self.filesystem)
+
+    def to_table(self, columns: Sequence[str] | None = None) -> pa.Table:
+        return self.dataset().to_table(columns=list(columns) if columns is not None else None)
+
+
+def open_shards(locations: str | Sequence[str]) -> ShardSet:
+    """Open shards for reading: shard files, tokenization folders, or job output folders holding one tokenization.
+
+    Raises ShardError when the files come from different tokenizers or settings (different fingerprints), naming
+    the fingerprints and a file of each.
+    """
+    if isinstance(locations, str):
+        locations = [locations]
+    if not locations:
+        raise ShardError("shards: no locations given")
+    fs: pa_fs.FileSystem | None = None
+    files: list[str] = []
+    for location in locations:
+        location_fs, found = _expand(location)
+        if fs is not None and location_fs.type_name != fs.type_name:
+            raise ShardError(f"shards: {location} is on a different filesystem ({location_fs.type_name}) than the "
+                             f"locations before it ({fs.type_name})")
+        fs = location_fs
+        files += found
+    metas = [read_meta(fs, f) for f in files]
+    by_fingerprint: dict[str, list[str]] = {}
+    for path, meta in zip(files, metas):
+        by_fingerprint.setdefault(meta.fingerprint, []).append(path)
+    if len(by_fingerprint) > 1:
+        detail = "; ".join(f"{fp}: {len(paths)} files, e.g. {paths[0]}" for fp, paths in by_fingerprint.items())
+        raise ShardError(f"shards: refusing to mix tokenizer fingerprints ({detail}); tokens of different tokenizers "
+                         "or settings are not comparable")
+    return ShardSet(fs, tuple(files), tuple(metas))

@@ -47,3 +47,16 @@ def test_video_tokenizer_trains_and_resumes_exactly(corpus, tmp_path, ray_local)
     assert {"loss", "psnr", "val_psnr", "val_ssim", "codebook_used", "codebook_perplexity", "lr"} <= set(metrics)
     artifacts = resumed / "mlartifacts"
     assert list(artifacts.rglob("clip0.png")) and list(artifacts.rglob("model.safetensors"))
+
+
+def test_audio_tokenizer_trains(corpus, tmp_path, ray_local):
+    out = tmp_path / "audio"
+    assert main(["audio-tokenizer", "--config", "debug", "--manifest", str(corpus), "--out", str(out),
+                 "--workers", "2", "--steps", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["modality"] == "audio"
+    model = load_checkpoint(out / "tokenizer")
+    assert model.fingerprint() == summary["fingerprint"]
+    (run,) = search_runs(f"sqlite:///{out / 'mlflow.db'}", "videopoet")
+    assert {"val_si_snr", "val_mel_distance", "codebook_used", "si_snr", "spectral"} <= set(run.data.metrics)
+    assert list((out / "mlartifacts").rglob("clip0_reconstruction.wav"))

@@ -9,6 +9,7 @@ from train import tokenizers
 
 TARGETS = {
     "video-tokenizer": ("train the MAGVIT-v2 video tokenizer", partial(tokenizers.main, modality_name="video")),
+    "audio-tokenizer": ("train the SoundStream audio tokenizer", partial(tokenizers.main, modality_name="audio")),
 }
 
 

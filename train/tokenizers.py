@@ -28,7 +28,8 @@ from pipeline.config import ConfigError, from_dict, load_config, to_dict
 from pipeline.magvit import MagvitConfig, MagvitModel, tensor_to_video, video_to_tensor
 from pipeline.manifest import read_manifest
 from pipeline.media import MediaConfig
-from pipeline.metrics import codebook_usage, psnr, ssim
+from pipeline.metrics import codebook_usage, psnr, si_snr, ssim
+from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.tracking import NullRun, TrackingConfig, attach, start_run
 from train.runner import (TrainConfig, all_reduce_mean, fit, load_latest_checkpoint, load_optimizer_tensors, lr_at,
                           optimizer_tensors, save_checkpoint as report_checkpoint, world)
@@ -46,6 +47,16 @@ class VideoTokenizerTrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     val_clips: int = 16  # held out when the manifest has no split column
     samples: int = 4  # reconstructions logged as artifacts
+
+
+@dataclass(frozen=True)
+class AudioTokenizerTrainConfig:
+    model: SoundStreamConfig = field(default_factory=SoundStreamConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    val_clips: int = 16
+    samples: int = 4
 
 
 # ---------------------------------------------------------------------------------------------------- modalities
@@ -97,7 +108,52 @@ class VideoModality:
             Image.fromarray(grid).save(folder / f"clip{i}.png")
 
 
-MODALITIES: dict[str, Any] = {"video": VideoModality}
+class AudioModality:
+    """Audio training: clips with a sound track only; quality is SI-SNR and log-mel distance."""
+
+    name = "audio"
+    config_class = AudioTokenizerTrainConfig
+    kinds = {"": "train_audio_tokenizer", "model": "audio_tokenizer"}
+
+    @staticmethod
+    def build(cfg: Any) -> torch.nn.Module:
+        return SoundStreamModel(cfg)
+
+    @staticmethod
+    def keep(batch: dict[str, np.ndarray]) -> np.ndarray:
+        return batch["ok"] & batch["has_audio"]
+
+    @staticmethod
+    def column(batch: dict[str, np.ndarray]) -> np.ndarray:
+        return batch["audio"]
+
+    @staticmethod
+    def inputs(data: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(data, np.float32))
+
+    @staticmethod
+    @torch.no_grad()
+    def evaluate(model: SoundStreamModel, data: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+        codes = model.encode(torch.from_numpy(data))
+        recon = model.decode(codes)
+        reference = torch.from_numpy(data[:, : recon.shape[-1]])
+        window = max(model.config.stft_windows)
+        mel_distance = (model.mel_spectrogram(recon, window).clamp_min(1e-5).log()
+                        - model.mel_spectrogram(reference, window).clamp_min(1e-5).log()).abs().mean()
+        per_level = [codebook_usage(codes[:, level].numpy(), model.codebook_size) for level in range(model.levels)]
+        metrics = {"val_si_snr": si_snr(reference.numpy(), recon.numpy()), "val_mel_distance": float(mel_distance),
+                   "codebook_used": float(np.mean([u["used_fraction"] for u in per_level])),
+                   "codebook_perplexity": float(np.mean([u["perplexity"] for u in per_level]))}
+        return metrics, recon.numpy()
+
+    @staticmethod
+    def write_samples(data: np.ndarray, recon: np.ndarray, folder: Path, sample_rate: int) -> None:
+        for i, (x, y) in enumerate(zip(data, recon)):
+            write_wav(folder / f"clip{i}_original.wav", x, sample_rate)
+            write_wav(folder / f"clip{i}_reconstruction.wav", y, sample_rate)
+
+
+MODALITIES: dict[str, Any] = {"video": VideoModality, "audio": AudioModality}
 
 
 # ---------------------------------------------------------------------------------------------------- data

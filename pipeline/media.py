@@ -15,7 +15,9 @@ code. The clips completed before that point are yielded, then `CorruptMedia` is 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import os
 import select
@@ -118,7 +120,8 @@ def _cover_size(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, in
 
 
 def _input(local: str, info: MediaInfo) -> ffmpeg.nodes.FilterableStream:
-    options = {}
+    # The probe already has the frame rate and the fps filter ignores it: skip decoding frames to estimate it.
+    options = {"fpsprobesize": 0}
     # ffmpeg's native VP8/VP9 decoders ignore the alpha side channel; libvpx decodes it.
     libvpx = {"vp8": "libvpx", "vp9": "libvpx-vp9"}.get(info.video_codec or "")
     if info.has_alpha and libvpx and _has_decoder(libvpx):
@@ -160,6 +163,13 @@ def decode_command(local: str, info: MediaInfo, cfg: MediaConfig, audio_fd: Opti
 
 class _Stalled(Exception):
     pass
+
+
+def _widen_pipe(fd: int) -> None:
+    """Let ffmpeg run ~20 frames ahead of the reader instead of one (64 KiB is the Linux default)."""
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size for unprivileged users
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
 
 
 class _AudioBuffer:
@@ -227,6 +237,7 @@ class _Process:
         finally:
             if with_audio:
                 os.close(audio_w)  # ffmpeg holds the write end now; ours would hide its EOF
+        _widen_pipe(self.proc.stdout.fileno())
         self.threads = [threading.Thread(target=self._drain_stderr, daemon=True)]
         if with_audio:
             self.threads.append(threading.Thread(target=self.audio.fill, args=(audio_r,), daemon=True))

@@ -1,11 +1,12 @@
 """The oracle of the synthetic world: read a decoded clip back into its attributes, and score batches of reads.
 
-Video: the object is the saturated region on a gray background. A soft mask (a chroma ramp centred halfway between
-background and object, so blur moves mass across the edge without changing it) gives per frame the centroid, the
-central moments and the mean color. Shape is read from moments that blur barely touches: the vertical skewness
-(a triangle's mass sits towards its base) and how much heavier-tailed the object is along the diagonals than along
-the axes (a square's corners; a circle is the same in every direction). Motion is the fitted centroid velocity; color
-the hue of the object's mean color. Everything is relative to the frame, so any resolution and length works.
+Video: the object is the saturated region on a gray background. A soft mask (a ramp of lightly smoothed chroma,
+centred halfway between background and object, so blur moves mass across the edge without changing it) gives per
+frame the centroid, the central moments and the mean color. Shape is read from two moments whose direction blur
+does not turn: the vertical skewness (a triangle's mass sits towards its base) and how much heavier-tailed the object
+is along the diagonals than along the axes (a square's corners; a circle is the same in every direction). Motion is
+the fitted centroid velocity; color the hue of the object's mean color. Everything is relative to the frame, so any
+resolution and length works.
 
 Audio: the shape's fundamental is the strongest of the candidate pitches, the color is the strongest overtone of that
 fundamental, and the motion is the tremolo rate that best fits the loudness envelope.
@@ -20,6 +21,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from pipeline.synth import ATTRIBUTES, OVERTONE, PALETTE, PITCH_HZ, TREMOLO_HZ
 
@@ -27,15 +29,18 @@ MIN_CONTRAST = 0.15  # object minus background chroma, below which a clip shows 
 MIN_MASS = 0.002  # share of a frame the object must cover to count as present
 MIN_TRAVEL = 0.05  # centroid travel over the clip, in frame sides, below which nothing moves
 MIN_RMS = 1e-4  # audio quieter than this is silence
+MIN_SHAPE_STRENGTH = 0.3  # share of its ideal moments a square or triangle keeps at the least, however blurred
+MAX_ELONGATION = math.log(2)  # |log(var x / var y)| beyond which a blob is none of the world's shapes
 
-# (vertical skewness, diagonal minus axis kurtosis) of the ideal shapes. A uniform square projects onto an axis as a
-# uniform density (kurtosis 9/5) and onto a diagonal as a triangular one (12/5); a disk is the same in every direction;
-# the equilateral triangle's threefold symmetry makes its fourth moments isotropic too, and its width grows linearly
-# from apex to base, a vertical density with skewness -2 sqrt(2) / 5 (y grows downwards).
-SHAPE_MOMENTS: dict[str, tuple[float, float]] = {
-    "circle": (0.0, 0.0),
-    "square": (0.0, 0.6),
-    "triangle": (-2 * math.sqrt(2) / 5, 0.0),
+# (vertical skewness, diagonal minus axis kurtosis, log of horizontal over vertical variance) of the ideal shapes.
+# A uniform square projects onto an axis as a uniform density (kurtosis 9/5) and onto a diagonal as a triangular one
+# (12/5); a disk is the same in every direction; the equilateral triangle's threefold symmetry makes its second and
+# fourth moments isotropic too, and its width grows linearly from apex to base, a vertical density with skewness
+# -2 sqrt(2) / 5 (y grows downwards).
+SHAPE_MOMENTS: dict[str, tuple[float, float, float]] = {
+    "circle": (0.0, 0.0, 0.0),
+    "square": (0.0, 0.6, 0.0),
+    "triangle": (-2 * math.sqrt(2) / 5, 0.0, 0.0),
 }
 
 
@@ -60,7 +65,8 @@ def _nearest(values: Mapping[str, float], value: float, circular: bool = False) 
 def _soft_mask(frames: np.ndarray) -> np.ndarray | None:
     """(T, H, W) object weights in [0, 1], or None when no saturated object stands out of the background."""
     rgb = frames.astype(np.float32) / 255
-    chroma = rgb.max(axis=-1) - rgb.min(axis=-1)
+    # A 3x3 mean first: pixel noise averages out, while the object's moments barely change.
+    chroma = ndimage.uniform_filter(rgb.max(axis=-1) - rgb.min(axis=-1), size=(1, 3, 3), mode="nearest")
     background, peak = np.percentile(chroma, [50, 99])
     contrast = peak - background
     if contrast < MIN_CONTRAST:
@@ -78,8 +84,8 @@ def _centroids(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def shape_moments(weights: np.ndarray) -> np.ndarray:
-    """(T, H, W) object weights -> (T, 2): each frame's vertical skewness, and its kurtosis along the diagonals minus
-    along the axes. Frames must hold some weight."""
+    """(T, H, W) object weights -> (T, 3): each frame's vertical skewness, its kurtosis along the diagonals minus
+    along the axes, and the log of its horizontal over its vertical variance. Frames must hold some weight."""
     mass = weights.sum(axis=(1, 2))
     x, y = np.arange(weights.shape[2], dtype=np.float64), np.arange(weights.shape[1], dtype=np.float64)
     cx, cy = _centroids(weights)
@@ -97,7 +103,17 @@ def shape_moments(weights: np.ndarray) -> np.ndarray:
         return u4 / u2 ** 2
 
     diagonals = (diagonal_kurtosis(1) + diagonal_kurtosis(-1)) / 2
-    return np.stack([skew, diagonals - axes], axis=-1)
+    return np.stack([skew, diagonals - axes, np.log(m[:, 2, 0] / m[:, 0, 2])], axis=-1)
+
+
+def _shape_distance(features: np.ndarray, reference: tuple[float, ...]) -> float:
+    """Distance to the shape's moments scaled by the best factor in [MIN_SHAPE_STRENGTH, 1]: blur (downscaling, a
+    coarse tokenizer) shrinks every shape's moments towards a circle's zeros without turning their direction."""
+    ref = np.asarray(reference)
+    if not ref.any():
+        return float(np.linalg.norm(features))
+    scale = np.clip(features @ ref / (ref @ ref), MIN_SHAPE_STRENGTH, 1.0)
+    return float(np.linalg.norm(features - scale * ref))
 
 
 def _check_frames(frames: Any) -> np.ndarray:
@@ -119,19 +135,25 @@ def read_video_attributes(frames: np.ndarray) -> dict[str, str | None]:
     present = weights.sum(axis=(1, 2)) >= MIN_MASS * h * w
     if not present.any():
         return _unknown()
-    weights, time = weights[present], np.flatnonzero(present)
+    weights, index = weights[present], np.flatnonzero(present)
 
-    features = np.median(shape_moments(weights), axis=0)
-    shape = min(SHAPE_MOMENTS, key=lambda name: float(np.linalg.norm(features - np.array(SHAPE_MOMENTS[name]))))
+    with np.errstate(divide="ignore", invalid="ignore"):  # a blob one pixel thin has no finite moments
+        moments = shape_moments(weights)
+    moments = moments[np.isfinite(moments).all(axis=1)]
+    shape = None
+    if len(moments):
+        features = np.median(moments, axis=0)
+        if abs(features[2]) <= MAX_ELONGATION:  # all three shapes are as wide as they are high
+            shape = min(SHAPE_MOMENTS, key=lambda name: _shape_distance(features, SHAPE_MOMENTS[name]))
 
     rgb = (weights[..., None] * frames[present].astype(np.float64)).sum(axis=(0, 1, 2)) / weights.sum()
     color = _nearest({name: float(_hue(c)) for name, c in PALETTE.items()}, float(_hue(rgb)), circular=True)
 
     motion = None
-    if len(time) >= 2:
+    if len(index) >= 2:
         cx, cy = _centroids(weights)
         span = (frames.shape[0] - 1) / min(h, w)  # velocity per frame -> travel over the clip, in frame sides
-        vx, vy = np.polyfit(time, cx, 1)[0] * span, np.polyfit(time, cy, 1)[0] * span
+        vx, vy = np.polyfit(index, cx, 1)[0] * span, np.polyfit(index, cy, 1)[0] * span
         if max(abs(vx), abs(vy)) >= MIN_TRAVEL:
             motion = ("right" if vx > 0 else "left") if abs(vx) >= abs(vy) else ("down" if vy > 0 else "up")
     return {"shape": shape, "color": color, "motion": motion}

@@ -19,7 +19,6 @@ DIR/synth_config.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -36,7 +35,7 @@ COLORS = ("red", "green", "blue", "yellow")
 MOTIONS = ("left", "right", "up", "down")
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLORS, "motion": MOTIONS}
 
-# Saturated colors a quarter to a third of the hue circle apart; blue is lifted so it stays clear of a dark background.
+# Saturated colors at least a sixth of the hue circle apart; blue is lifted so it stands out of a dark background.
 PALETTE: dict[str, tuple[float, float, float]] = {
     "red": (0.92, 0.12, 0.10),
     "green": (0.12, 0.85, 0.12),
@@ -52,12 +51,15 @@ PITCH_HZ: dict[str, float] = {"circle": 220.0, "square": 330.0, "triangle": 495.
 OVERTONE: dict[str, int] = {"red": 2, "green": 3, "blue": 4, "yellow": 5}
 TREMOLO_HZ: dict[str, float] = {"left": 2.0, "right": 4.0, "up": 6.0, "down": 8.0}
 
-# Object extent per unit of `size`: equal areas (a circle of diameter `size`), so area never gives the shape away.
+# Equal areas (a circle of diameter `size`), so area never gives the shape away: the square's side and the
+# equilateral triangle's side per unit of size.
+SQUARE_SIDE = math.sqrt(math.pi) / 2
+TRIANGLE_SIDE = math.sqrt(math.pi / math.sqrt(3))
+# Half width and half height of each shape's bounding box, centred on the object's position, per unit of size.
 HALF_EXTENT: dict[str, tuple[float, float]] = {
     "circle": (0.5, 0.5),
-    "square": (math.sqrt(math.pi) / 4, math.sqrt(math.pi) / 4),
-    # equilateral, side s = sqrt(pi / sqrt 3) with its centroid at the position: 2/3 of the height lies above it
-    "triangle": (math.sqrt(math.pi / math.sqrt(3)) / 2, math.sqrt(math.pi / math.sqrt(3)) / math.sqrt(3)),
+    "square": (SQUARE_SIDE / 2, SQUARE_SIDE / 2),
+    "triangle": (TRIANGLE_SIDE / 2, TRIANGLE_SIDE * math.sqrt(3) / 4),
 }
 
 
@@ -87,13 +89,13 @@ class SynthConfig:
     fps: int = 24
     frames: int = 51  # 2.125 s at 24 fps: one 17-frame clip at 8 fps
     sample_rate: int = 16000
-    # Geometry in units of the center square's side.
-    size: tuple[float, float] = (0.30, 0.36)  # diameter of the equal-area circle
-    travel: tuple[float, float] = (0.30, 0.38)  # distance covered over the clip
+    # Geometry in units of the center square's side; (low, high) bands are sampled uniformly per clip.
+    size: tuple[float, ...] = (0.34, 0.40)  # diameter of the equal-area circle
+    travel: tuple[float, ...] = (0.30, 0.38)  # distance covered over the clip
     cross_jitter: float = 0.08  # offset from the center across the direction of travel
     margin: float = 0.02  # kept free between the object and the center square's border
-    background: tuple[float, float] = (0.10, 0.22)  # gray level
-    volume: tuple[float, float] = (0.35, 0.50)  # peak amplitude
+    background: tuple[float, ...] = (0.10, 0.22)  # gray level
+    volume: tuple[float, ...] = (0.35, 0.50)  # peak amplitude
     overtone_gain: float = 0.7  # overtone amplitude relative to the fundamental
     tremolo_depth: float = 0.7  # the envelope dips to 1 - depth
     val_fraction: float = 0.1
@@ -105,9 +107,9 @@ class SynthConfig:
             raise ValueError(f"SynthConfig: need frames >= 2, fps >= 1 and sample_rate >= 8000, got frames="
                              f"{self.frames} fps={self.fps} sample_rate={self.sample_rate}")
         for name in ("size", "travel", "background", "volume"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"SynthConfig.{name}: expected 0 < low <= high <= 1, got {(lo, hi)}")
+            band = getattr(self, name)
+            if len(band) != 2 or not 0 < band[0] <= band[1] <= 1:
+                raise ValueError(f"SynthConfig.{name}: expected [low, high] with 0 < low <= high <= 1, got {band}")
         widest = max(max(h) for h in HALF_EXTENT.values()) * self.size[1]
         if self.travel[1] + 2 * (widest + self.margin) > 1 or self.cross_jitter + widest + self.margin > 0.5:
             raise ValueError(f"SynthConfig: objects of size {self.size[1]} travelling {self.travel[1]} (cross jitter "
@@ -182,11 +184,13 @@ def signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, size: float) -> 
     if shape == "circle":
         return np.hypot(dx, dy) - size / 2
     if shape == "square":
-        return np.maximum(np.abs(dx), np.abs(dy)) - HALF_EXTENT["square"][0] * size
-    # Equilateral triangle, apex up: the farthest of its three edge lines; the inradius is a third of the height.
-    inradius = HALF_EXTENT["triangle"][1] * size / 2
-    sides = np.maximum(math.sqrt(3) / 2 * dx, -math.sqrt(3) / 2 * dx) - 0.5 * dy
-    return np.maximum(sides, dy) - inradius
+        return np.maximum(np.abs(dx), np.abs(dy)) - SQUARE_SIDE / 2 * size
+    # Equilateral triangle, apex up: the farthest of its three edge lines. Its centroid sits a sixth of the height
+    # below the box center, and its inradius is a third of the height.
+    height = TRIANGLE_SIDE * math.sqrt(3) / 2 * size
+    dy = dy - height / 6
+    sides = math.sqrt(3) / 2 * np.abs(dx) - 0.5 * dy
+    return np.maximum(sides, dy) - height / 3
 
 
 def render_video(spec: ClipSpec, cfg: SynthConfig) -> np.ndarray:
@@ -242,12 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one SynthConfig field, e.g. --set frames=17")
     args = parser.parse_args(argv)
-    cfg = load_config(SynthConfig, args.config, args.overrides, kind="synth")
+    if args.clips < 1 or args.seed < 0:
+        parser.error(f"--clips must be >= 1 and --seed >= 0, got {args.clips} and {args.seed}")
+    try:
+        cfg = load_config(SynthConfig, args.config, args.overrides, kind="synth")
+    except ValueError as e:  # ConfigError included: a bad file, key, type or value
+        parser.error(str(e))
     began = time.perf_counter()
     rows = write_corpus(args.out, cfg, args.clips, args.seed)
     val = sum(row["split"] == "val" for row in rows)
-    print(f"synth: {len(rows)} clips ({len(rows) - val} train, {val} val) of {cfg.width}x{cfg.height} at {cfg.fps} fps, "
-          f"{cfg.seconds:.3f} s, seed {args.seed} -> {args.out} in {time.perf_counter() - began:.1f} s")
+    print(f"synth: {len(rows)} clips ({len(rows) - val} train, {val} val) of {cfg.width}x{cfg.height} at "
+          f"{cfg.fps} fps, {cfg.seconds:.3f} s, seed {args.seed} -> {args.out} in {time.perf_counter() - began:.1f} s")
     return 0
 
 

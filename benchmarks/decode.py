@@ -2,8 +2,9 @@
 
 For every corpus file that decodes cleanly, each round runs (a) `iter_clips` with the given config, audio
 included, (b) the same with audio off, (c) a bare ffmpeg with our video filters
-(`-i F -filter_complex <fps, scale, crop> -f rawvideo -pix_fmt rgb24 pipe:1`, without our input tuning), its
-stdout read and discarded, and (d) `probe` alone, which (a) and (b) run first and (c) does not need.
+(`-v error -i F -filter_complex <fps, scale, crop> -f rawvideo -pix_fmt rgb24 pipe:1`), its stdout read and
+discarded, and (d) `probe` alone, for scale: `iter_clips` reads the streams from the stream dump of its own
+ffmpeg (a second process only when the first guess, video with audio, was wrong).
 Runs are interleaved and their order rotates each round, so drift in machine load hits all alike; each file
 keeps its best wall time and its least CPU time (ffmpeg children + this process) over `--rounds`.
 Throughput is output frames (what ffmpeg emits at 8 fps) per wall second. The last line printed is one JSON
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import replace
+from pipeline import media
 from pipeline.media import MediaConfig, decode, decode_command, iter_clips
 from pipeline.probe import probe
 
@@ -46,10 +48,11 @@ def measure(run: Callable[[], object]) -> tuple[float, float]:
 
 
 def bare_command(path: str, cfg: MediaConfig) -> list[str]:
-    """Our video command line without our input tuning: what one would run by hand."""
-    cmd = decode_command(path, probe(path), cfg)
-    i = cmd.index("-fpsprobesize")
-    return cmd[:i] + cmd[i + 2:]
+    """Our video command line, told the file's kind up front and quiet (`-v error`): what one would run by hand."""
+    plan = media._plan_for(probe(path), cfg)
+    cmd = decode_command(path, cfg, image=plan.image, alpha=plan.alpha, decoder=plan.decoder)
+    i = cmd.index("-loglevel")
+    return cmd[:i] + ["-v", "error"] + cmd[i + 2:]
 
 
 def run_bare(cmd: list[str]) -> int:

@@ -20,6 +20,7 @@ import dataclasses
 import fcntl
 import functools
 import os
+import re
 import select
 import subprocess
 import threading
@@ -30,17 +31,14 @@ import ffmpeg
 import numpy as np
 
 from pipeline.probe import (CorruptMedia, DecodeTimeout, EmptyFile, MediaError, MediaInfo, MissingFile,
-                            NoVideoStream, NotMedia, TooShort, ffmpeg_exe, ffmpeg_url, local_file, probe,
-                            probe_local)
+                            NoVideoStream, NotMedia, TooShort, ffmpeg_exe, ffmpeg_url, local_file,
+                            parse_ffmpeg_dump, probe, with_duration)
 
 __all__ = [
     "MediaConfig", "Clip", "DecodeResult", "iter_clips", "decode", "decode_command", "write_video", "probe",
     "MediaInfo", "MediaError", "MissingFile", "EmptyFile", "NotMedia", "NoVideoStream", "CorruptMedia",
     "DecodeTimeout", "TooShort", "ffmpeg_exe",
 ]
-
-_GLOBAL_ARGS = ("-hide_banner", "-nostdin", "-v", "error")
-
 
 # ---------------------------------------------------------------------------------------------------- config
 
@@ -107,58 +105,67 @@ class DecodeResult:
 
 # ---------------------------------------------------------------------------------------------------- ffmpeg
 
+@dataclass(frozen=True)
+class _Plan:
+    """What the command line must know about a file. The first try assumes a plain video with audio; the stream
+    dump that ffmpeg prints before decoding tells whether that held, so most files need one process only."""
+
+    audio: bool
+    image: bool = False
+    alpha: bool = False
+    decoder: Optional[str] = None  # forced video decoder
+
+
 @functools.cache
 def _has_decoder(name: str) -> bool:
     out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-decoders"], capture_output=True, text=True).stdout
     return any(line.split()[1:2] == [name] for line in out.splitlines())
 
 
-def _cover_size(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int]:
-    """The smallest scaled size of the source (aspect kept) that covers the target, for a center crop."""
-    scale = max(dst_w / src_w, dst_h / src_h)
-    return max(dst_w, round(src_w * scale)), max(dst_h, round(src_h * scale))
-
-
-def _input(local: str, info: MediaInfo) -> ffmpeg.nodes.FilterableStream:
-    # The probe already has the frame rate and the fps filter ignores it: skip decoding frames to estimate it.
-    options = {"fpsprobesize": 0}
+def _plan_for(info: MediaInfo, cfg: MediaConfig) -> _Plan:
     # ffmpeg's native VP8/VP9 decoders ignore the alpha side channel; libvpx decodes it.
     libvpx = {"vp8": "libvpx", "vp9": "libvpx-vp9"}.get(info.video_codec or "")
-    if info.has_alpha and libvpx and _has_decoder(libvpx):
-        options["c:v"] = libvpx
-    return ffmpeg.input(ffmpeg_url(local), **options)
+    decoder = libvpx if info.has_alpha and libvpx and _has_decoder(libvpx) else None
+    return _Plan(audio=cfg.audio and info.has_audio and not info.is_image, image=info.is_image,
+                 alpha=info.has_alpha, decoder=decoder)
 
 
-def _video_output(inp, info: MediaInfo, cfg: MediaConfig, target: str):
-    stream = inp[str(info.video_index)]
+def _video_output(inp, cfg: MediaConfig, plan: _Plan, target: str):
+    stream = inp["V:0"]  # the first video stream that is not cover art
     options = {"f": "rawvideo", "pix_fmt": "rgb24"}
-    if info.is_image:
+    if plan.image:
         options["frames:v"] = 1
     else:
         stream = stream.filter("fps", fps=cfg.fps, start_time=0)
-    if info.has_alpha:
-        # Composite over black: premultiplied colour with alpha dropped.
-        stream = stream.filter("format", "rgba").filter("premultiply", inplace=1)
-    scaled_w, scaled_h = _cover_size(info.width, info.height, cfg.width, cfg.height)
-    stream = stream.filter("scale", scaled_w, scaled_h).filter("crop", cfg.width, cfg.height)
-    return stream.output(target, **options)
+    if plan.alpha:
+        stream = stream.filter("format", "rgba").filter("premultiply", inplace=1)  # over black, alpha dropped
+    # Cover the target keeping the display aspect (iw * sar; autorotation has already turned the frame), then crop
+    # the centre. The expressions spare a probe before the process starts.
+    w, h = cfg.width, cfg.height
+    scale = f"max({w}/(iw*sar),{h}/ih)"
+    stream = stream.filter("scale", w=f"max({w},round(iw*sar*{scale}))", h=f"max({h},round(ih*{scale}))")
+    return stream.filter("crop", w, h).output(target, **options)
 
 
-def _audio_output(inp, info: MediaInfo, cfg: MediaConfig, target: str):
+def _audio_output(inp, cfg: MediaConfig, target: str):
     # first_pts=0 pads (or trims) the start so sample 0 is at time 0 of the file, like the video frames.
-    stream = inp[str(info.audio_index)].filter(
-        "aresample", osr=cfg.sample_rate, ochl="mono", osf="flt", first_pts=0, **{"async": 1})
+    stream = inp["a:0"].filter("aresample", osr=cfg.sample_rate, ochl="mono", osf="flt", first_pts=0,
+                               **{"async": 1})
     return stream.output(target, f="f32le")
 
 
-def decode_command(local: str, info: MediaInfo, cfg: MediaConfig, audio_fd: Optional[int] = None) -> list[str]:
-    """The ffmpeg command line: video to stdout, and audio to file descriptor `audio_fd` when given."""
-    inp = _input(local, info)
-    outputs = [_video_output(inp, info, cfg, "pipe:1")]
+def decode_command(local: str, cfg: MediaConfig, audio_fd: Optional[int] = None, image: bool = False,
+                   alpha: bool = False, decoder: Optional[str] = None) -> list[str]:
+    """The ffmpeg command line: frames to stdout and, given `audio_fd`, audio to that file descriptor."""
+    inp = ffmpeg.input(ffmpeg_url(local), **({"c:v": decoder} if decoder else {}))
+    plan = _Plan(audio=audio_fd is not None, image=image, alpha=alpha, decoder=decoder)
+    outputs = [_video_output(inp, cfg, plan, "pipe:1")]
     if audio_fd is not None:
-        outputs.append(_audio_output(inp, info, cfg, f"pipe:{audio_fd}"))
+        outputs.append(_audio_output(inp, cfg, f"pipe:{audio_fd}"))
     compiled = ffmpeg.merge_outputs(*outputs).compile(cmd=ffmpeg_exe())
-    return [compiled[0], *_GLOBAL_ARGS, "-xerror", *compiled[1:]]
+    # Info level for the stream dump, each line tagged with its level to tell errors apart.
+    return [compiled[0], "-hide_banner", "-nostdin", "-nostats", "-loglevel", "level+info", "-xerror",
+            *compiled[1:]]
 
 
 class _Stalled(Exception):
@@ -170,6 +177,9 @@ def _widen_pipe(fd: int) -> None:
     if hasattr(fcntl, "F_SETPIPE_SZ"):
         with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size for unprivileged users
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+
+
+_LEVEL = re.compile(r"\[(info|warning|error|fatal|panic)\] ")
 
 
 class _AudioBuffer:
@@ -221,32 +231,59 @@ class _AudioBuffer:
 class _Process:
     """A running decode: frames are read on the caller's thread, audio and stderr on their own threads."""
 
-    def __init__(self, local: str, info: MediaInfo, cfg: MediaConfig, with_audio: bool):
+    def __init__(self, local: str, cfg: MediaConfig, plan: _Plan):
+        self.plan = plan
         self.timeout_s = cfg.timeout_s
-        self.audio = _AudioBuffer() if with_audio else None
-        self.stderr: collections.deque[str] = collections.deque(maxlen=20)
-        audio_r, audio_w = os.pipe() if with_audio else (-1, -1)
+        self.audio = _AudioBuffer() if plan.audio else None
+        self.errors: collections.deque[str] = collections.deque(maxlen=20)
+        self._dump: list[str] = []  # the `Input #0` block of stderr
+        self._dumped = threading.Event()
+        audio_r, audio_w = os.pipe() if plan.audio else (-1, -1)
+        cmd = decode_command(local, cfg, audio_w if plan.audio else None, plan.image, plan.alpha, plan.decoder)
         try:
-            self.proc = subprocess.Popen(
-                decode_command(local, info, cfg, audio_w if with_audio else None), stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, pass_fds=(audio_w,) if with_audio else ())
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, bufsize=0, pass_fds=(audio_w,) if plan.audio else ())
         except BaseException:
-            if with_audio:
+            if plan.audio:
                 os.close(audio_r)
             raise
         finally:
-            if with_audio:
+            if plan.audio:
                 os.close(audio_w)  # ffmpeg holds the write end now; ours would hide its EOF
         _widen_pipe(self.proc.stdout.fileno())
         self.threads = [threading.Thread(target=self._drain_stderr, daemon=True)]
-        if with_audio:
+        if plan.audio:
             self.threads.append(threading.Thread(target=self.audio.fill, args=(audio_r,), daemon=True))
         for t in self.threads:
             t.start()
 
     def _drain_stderr(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr.append(line.decode(errors="replace").rstrip())
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            level = _LEVEL.search(line)
+            if level is None:
+                continue
+            text = line[:level.start()] + line[level.end():]
+            if level.group(1) in ("error", "fatal", "panic"):
+                self.errors.append(text)
+            if not self._dumped.is_set():
+                if text.startswith("Input #0") or (self._dump and text.startswith(" ")):
+                    self._dump.append(text)
+                elif self._dump:
+                    self._dumped.set()
+        self._dumped.set()
+
+    def info(self, source: str) -> MediaInfo:
+        """The stream dump ffmpeg prints once it has opened the input, parsed."""
+        if not self._dumped.wait(self.timeout_s):
+            raise _Stalled
+        info = parse_ffmpeg_dump(source, "\n".join(self._dump))
+        if info is None:
+            self.proc.wait()
+            for t in self.threads:
+                t.join()
+            raise NotMedia(source, self.last_error())
+        return info
 
     def read_into(self, buf: np.ndarray) -> bool:
         """Fill `buf` with the next frame; False at the end of the stream. Raises _Stalled on a hang."""
@@ -278,8 +315,7 @@ class _Process:
         self.proc.stderr.close()
 
     def last_error(self) -> str:
-        lines = [line for line in self.stderr if line]
-        return lines[-1] if lines else "no message"
+        return self.errors[-1] if self.errors else f"ffmpeg exit code {self.proc.returncode}"
 
 
 class _Windows:
@@ -312,68 +348,94 @@ def _new_clip(source: str, index: int, frames: np.ndarray, cfg: MediaConfig, pad
     return Clip(source, index, start, start + len(frames) / cfg.fps, frames, None, padded)
 
 
-def _stream_clips(local: str, source: str, info: MediaInfo, cfg: MediaConfig) -> Iterator[Clip]:
-    if not info.has_video:
-        raise NoVideoStream(source, f"no video stream (streams: {[s.kind for s in info.streams] or 'none'})")
-    if not (info.width and info.height):
-        raise CorruptMedia(source, f"video stream {info.video_index} ({info.video_codec}) has no frame size")
-    limit = cfg.max_clips or float("inf")
-    windows = _Windows(1 if info.is_image else cfg.clip_frames, cfg.stride_frames)
-    proc = _Process(local, info, cfg, with_audio=cfg.audio and info.has_audio and not info.is_image)
-    audio = proc.audio
+class _ClipStream:
+    """The clips of one local file. `info` is set once ffmpeg has described the file, before the first clip."""
 
-    def audio_end(clip: Clip) -> int:
-        return cfg.start_sample(clip.index) + cfg.clip_samples
+    def __init__(self, local: str, source: str, cfg: MediaConfig):
+        self.local, self.source, self.cfg = local, source, cfg
+        self.info: Optional[MediaInfo] = None
 
-    def finish(clip: Clip) -> Clip:
-        if audio is None:
-            return clip
-        return dataclasses.replace(clip, audio=audio.take(cfg.start_sample(clip.index), cfg.clip_samples))
+    def _start(self) -> _Process:
+        plan = _Plan(audio=self.cfg.audio)
+        while True:  # twice at most: the plan made from the dump does not change on a second look
+            proc = _Process(self.local, self.cfg, plan)
+            try:
+                self.info = proc.info(self.source)
+                if not self.info.has_video:
+                    kinds = [s.kind for s in self.info.streams] or "none"
+                    raise NoVideoStream(self.source, f"no video stream (streams: {kinds})")
+                plan = _plan_for(self.info, self.cfg)
+            except BaseException:
+                proc.close()
+                raise
+            if plan == proc.plan:
+                return proc
+            proc.close()  # the guess was wrong (no audio, alpha, a still image): start over, knowing
 
-    pending: collections.deque[Clip] = collections.deque()  # clips whose audio has not all arrived
-    emitted = 0
-    try:
-        while proc.read_into(frame := np.empty((cfg.height, cfg.width, 3), np.uint8)):
-            window = windows.push(frame)
-            if window is not None:
-                pending.append(_new_clip(source, windows.index - 1, window, cfg))
-            # Never block on audio here: ffmpeg may be stuck on a full video pipe while it still owes us audio.
-            while pending and (audio is None or audio.ready(audio_end(pending[0]))):
-                yield finish(pending.popleft())
+    def __iter__(self) -> Iterator[Clip]:
+        cfg, source = self.cfg, self.source
+        try:
+            proc = self._start()
+        except _Stalled:
+            raise DecodeTimeout(source, f"ffmpeg did not open the input within {cfg.timeout_s:g} s") from None
+        limit = cfg.max_clips or float("inf")
+        windows = _Windows(1 if proc.plan.image else cfg.clip_frames, cfg.stride_frames)
+        audio = proc.audio
+
+        def audio_end(clip: Clip) -> int:
+            return cfg.start_sample(clip.index) + cfg.clip_samples
+
+        def finish(clip: Clip) -> Clip:
+            if audio is None:
+                return clip
+            return dataclasses.replace(clip, audio=audio.take(cfg.start_sample(clip.index), cfg.clip_samples))
+
+        pending: collections.deque[Clip] = collections.deque()  # clips whose audio has not all arrived
+        emitted = 0
+        try:
+            while proc.read_into(frame := np.empty((cfg.height, cfg.width, 3), np.uint8)):
+                window = windows.push(frame)
+                if window is not None:
+                    pending.append(_new_clip(source, windows.index - 1, window, cfg))
+                # Never block on audio here: ffmpeg may be stuck on a full video pipe while it still owes us audio.
+                while pending and (audio is None or audio.ready(audio_end(pending[0]))):
+                    yield finish(pending.popleft())
+                    emitted += 1
+                    if emitted >= limit:
+                        return
+            returncode = proc.wait()
+            error = None
+            if returncode != 0:
+                error = CorruptMedia(source, f"ffmpeg stopped (exit code {returncode}) after {windows.count} "
+                                             f"frames ({windows.count / cfg.fps:.2f} s at {cfg.fps:g} fps): "
+                                             f"{proc.last_error()}")
+            for clip in pending:
+                # After a failure the audio may have stopped early too: keep only clips with all of theirs.
+                if audio is not None and not audio.wait(audio_end(clip), cfg.timeout_s) and error is not None:
+                    break
+                yield finish(clip)
                 emitted += 1
                 if emitted >= limit:
                     return
-        returncode = proc.wait()
-        error = None
-        if returncode != 0:
-            error = CorruptMedia(source, f"ffmpeg stopped (exit code {returncode}) after {windows.count} frames "
-                                         f"({windows.count / cfg.fps:.2f} s at {cfg.fps:g} fps): {proc.last_error()}")
-        for clip in pending:
-            # After a failure the audio may have stopped early too: keep only clips with all of theirs.
-            if audio is not None and not audio.wait(audio_end(clip), cfg.timeout_s) and error is not None:
-                break
-            yield finish(clip)
-            emitted += 1
-            if emitted >= limit:
-                return
-        if error is not None:
-            raise error
-        if windows.index == 0:
-            if windows.count == 0:
-                raise CorruptMedia(source, f"ffmpeg decoded no frames: {proc.last_error()}")
-            if cfg.short == "skip":
-                raise TooShort(source, f"{windows.count} frames at {cfg.fps:g} fps, shorter than one clip of "
-                                       f"{windows.length} (short='skip')")
-            missing = windows.length - windows.count
-            clip = _new_clip(source, 0, np.stack([*windows.frames, *[windows.frames[-1]] * missing]), cfg, missing)
-            if audio is not None:
-                audio.wait(audio_end(clip), cfg.timeout_s)
-            yield finish(clip)
-    except _Stalled:
-        raise DecodeTimeout(source, f"ffmpeg produced nothing for {cfg.timeout_s:g} s after {windows.count} frames; "
-                                    "killed it") from None
-    finally:
-        proc.close()
+            if error is not None:
+                raise error
+            if windows.index == 0:
+                if windows.count == 0:
+                    raise CorruptMedia(source, f"ffmpeg decoded no frames: {proc.last_error()}")
+                if cfg.short == "skip":
+                    raise TooShort(source, f"{windows.count} frames at {cfg.fps:g} fps, shorter than one clip of "
+                                           f"{windows.length} (short='skip')")
+                missing = windows.length - windows.count
+                frames = np.stack([*windows.frames, *[windows.frames[-1]] * missing])
+                clip = _new_clip(source, 0, frames, cfg, missing)
+                if audio is not None:
+                    audio.wait(audio_end(clip), cfg.timeout_s)
+                yield finish(clip)
+        except _Stalled:
+            raise DecodeTimeout(source, f"ffmpeg produced nothing for {cfg.timeout_s:g} s after {windows.count} "
+                                        "frames; killed it") from None
+        finally:
+            proc.close()
 
 
 def iter_clips(path: str, cfg: MediaConfig = MediaConfig()) -> Iterator[Clip]:
@@ -381,22 +443,29 @@ def iter_clips(path: str, cfg: MediaConfig = MediaConfig()) -> Iterator[Clip]:
     decoded before it (a file damaged part-way), or at once when the file cannot be read at all."""
     path = str(path)
     with local_file(path) as local:
-        info = probe_local(local, path, cfg.timeout_s)
-        yield from _stream_clips(local, path, info, cfg)
+        yield from _ClipStream(local, path, cfg)
 
 
 def decode(path: str, cfg: MediaConfig = MediaConfig()) -> DecodeResult:
-    """All clips of one file, with the error that ended decoding (if any) instead of raising it."""
+    """All clips of one file, with the error that ended decoding (if any) instead of raising it. `info` is the
+    stream dump of the decoding ffmpeg, its duration read from the packets when the header has none."""
     path = str(path)
-    info: Optional[MediaInfo] = None
+    stream: Optional[_ClipStream] = None
     clips: list[Clip] = []
+    error: Optional[MediaError] = None
     try:
         with local_file(path) as local:
-            info = probe_local(local, path, cfg.timeout_s)
-            clips.extend(_stream_clips(local, path, info, cfg))
-    except MediaError as e:
-        return DecodeResult(info, clips, e)
-    return DecodeResult(info, clips, None)
+            stream = _ClipStream(local, path, cfg)
+            try:
+                clips.extend(stream)
+            except MediaError as e:
+                error = e
+            info = stream.info
+            if info is not None and info.duration is None:
+                info = with_duration(info, local, cfg.timeout_s)
+    except MediaError as e:  # from local_file, or from reading the duration
+        return DecodeResult(stream.info if stream else None, clips, error or e)
+    return DecodeResult(info, clips, error)
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -434,7 +503,7 @@ def write_video(path: str, frames: np.ndarray, fps: float, audio: Optional[np.nd
     if audio is not None:
         options.update(acodec="aac", **{"b:a": "128k"})
     compiled = ffmpeg.output(*streams, ffmpeg_url(path), **options).compile(cmd=ffmpeg_exe())
-    cmd = [compiled[0], *_GLOBAL_ARGS, "-y", *compiled[1:]]
+    cmd = [compiled[0], "-hide_banner", "-nostdin", "-v", "error", "-y", *compiled[1:]]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             pass_fds=(audio_r,) if audio is not None else ())
     writer = None

@@ -333,7 +333,7 @@ def _parse_stream_line(index: int, kind: str, spec: str, matrix: Optional[float]
     return StreamInfo(**fields)
 
 
-def _parse_ffmpeg_dump(path: str, text: str) -> Optional[MediaInfo]:
+def parse_ffmpeg_dump(path: str, text: str) -> Optional[MediaInfo]:
     """Parse the `Input #0` dump of `ffmpeg -i`; None when ffmpeg could not open the input."""
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if _INPUT.match(line)), None)
@@ -360,7 +360,7 @@ def _parse_ffmpeg_dump(path: str, text: str) -> Optional[MediaInfo]:
 
 def _run_ffmpeg_dump(local: str, source: str, timeout_s: float) -> MediaInfo:
     proc = _run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", ffmpeg_url(local)], source, timeout_s)
-    info = _parse_ffmpeg_dump(source, proc.stderr)
+    info = parse_ffmpeg_dump(source, proc.stderr)
     if info is None:
         raise NotMedia(source, _last_line(proc.stderr) or "ffmpeg cannot read it")
     return info
@@ -390,19 +390,19 @@ def _demuxed_duration(local: str, source: str, timeout_s: float) -> Optional[flo
     return int(times[-1]) / 1e6 if times and int(times[-1]) > 0 else None
 
 
-def probe_local(local: str, source: str, timeout_s: float = 60.0) -> MediaInfo:
-    """Probe a local file, naming it `source` in the result and in errors."""
-    check_local(local, source)
-    info = (_run_ffprobe if ffprobe_exe() else _run_ffmpeg_dump)(local, source, timeout_s)
-    if info.duration is None and not info.is_image and os.path.isfile(local):
-        info = dataclasses.replace(info, duration=_demuxed_duration(local, source, timeout_s))
-    return info
+def with_duration(info: MediaInfo, local: str, timeout_s: float = 60.0) -> MediaInfo:
+    """`info` with the duration read from the packets when the header has none (not for pictures or pipes)."""
+    if info.duration is not None or info.is_image or not os.path.isfile(local):
+        return info
+    return dataclasses.replace(info, duration=_demuxed_duration(local, info.path, timeout_s))
 
 
 def probe(path: str, timeout_s: float = 60.0) -> MediaInfo:
     """Streams, duration, size, frame rate and rotation of a media file or URI, without decoding it."""
-    with local_file(str(path)) as local:
-        return probe_local(local, str(path), timeout_s)
+    path = str(path)
+    with local_file(path) as local:
+        info = (_run_ffprobe if ffprobe_exe() else _run_ffmpeg_dump)(local, path, timeout_s)
+        return with_duration(info, local, timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -128,7 +128,7 @@ def test_dump_parser_agrees_with_ffprobe_when_installed():
     for path in sorted(CORPUS.glob("*.m*")):
         via_ffprobe = probe(str(path))
         dump = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
-        via_dump = probe_mod._parse_ffmpeg_dump(str(path), dump)
+        via_dump = probe_mod.parse_ffmpeg_dump(str(path), dump)
         for field in ("has_video", "has_audio", "width", "height", "rotation", "video_codec", "audio_codec",
                       "audio_sample_rate", "audio_channels"):
             assert getattr(via_dump, field) == getattr(via_ffprobe, field), (path.name, field)

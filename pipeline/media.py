@@ -7,6 +7,10 @@ autorotates by the display matrix, scales to cover `height` x `width` and center
 frames `[i * stride_frames, i * stride_frames + clip_frames)` and the audio samples of the same time window, both
 timed from the start of the file.
 
+No separate probe: the command assumes a video with audio, and the stream dump ffmpeg prints before decoding
+(parsed like `probe`'s) says whether it was right. When it was not (no audio, VP8/VP9 alpha that needs libvpx, a
+still image), ffmpeg is started again knowing; a probe process would cost as much for every file.
+
 Damage part-way: ffmpeg runs with `-xerror`, so the first error a decoder returns stops it with a non-zero exit
 code. The clips completed before that point are yielded, then `CorruptMedia` is raised (`iter_clips`) or stored in
 `DecodeResult.error` (`decode`). Errors a decoder conceals by itself only print a message and do not count.
@@ -39,6 +43,7 @@ __all__ = [
     "MediaInfo", "MediaError", "MissingFile", "EmptyFile", "NotMedia", "NoVideoStream", "CorruptMedia",
     "DecodeTimeout", "TooShort", "ffmpeg_exe",
 ]
+
 
 # ---------------------------------------------------------------------------------------------------- config
 
@@ -107,8 +112,7 @@ class DecodeResult:
 
 @dataclass(frozen=True)
 class _Plan:
-    """What the command line must know about a file. The first try assumes a plain video with audio; the stream
-    dump that ffmpeg prints before decoding tells whether that held, so most files need one process only."""
+    """What the command line must know about a file, and the first guess: a plain video, with audio if wanted."""
 
     audio: bool
     image: bool = False
@@ -130,14 +134,14 @@ def _plan_for(info: MediaInfo, cfg: MediaConfig) -> _Plan:
                  alpha=info.has_alpha, decoder=decoder)
 
 
-def _video_output(inp, cfg: MediaConfig, plan: _Plan, target: str):
+def _video_output(inp, cfg: MediaConfig, image: bool, alpha: bool, target: str):
     stream = inp["V:0"]  # the first video stream that is not cover art
     options = {"f": "rawvideo", "pix_fmt": "rgb24"}
-    if plan.image:
+    if image:
         options["frames:v"] = 1
     else:
         stream = stream.filter("fps", fps=cfg.fps, start_time=0)
-    if plan.alpha:
+    if alpha:
         stream = stream.filter("format", "rgba").filter("premultiply", inplace=1)  # over black, alpha dropped
     # Cover the target keeping the display aspect (iw * sar; autorotation has already turned the frame), then crop
     # the centre. The expressions spare a probe before the process starts.
@@ -158,8 +162,7 @@ def decode_command(local: str, cfg: MediaConfig, audio_fd: Optional[int] = None,
                    alpha: bool = False, decoder: Optional[str] = None) -> list[str]:
     """The ffmpeg command line: frames to stdout and, given `audio_fd`, audio to that file descriptor."""
     inp = ffmpeg.input(ffmpeg_url(local), **({"c:v": decoder} if decoder else {}))
-    plan = _Plan(audio=audio_fd is not None, image=image, alpha=alpha, decoder=decoder)
-    outputs = [_video_output(inp, cfg, plan, "pipe:1")]
+    outputs = [_video_output(inp, cfg, image, alpha, "pipe:1")]
     if audio_fd is not None:
         outputs.append(_audio_output(inp, cfg, f"pipe:{audio_fd}"))
     compiled = ffmpeg.merge_outputs(*outputs).compile(cmd=ffmpeg_exe())
@@ -177,9 +180,6 @@ def _widen_pipe(fd: int) -> None:
     if hasattr(fcntl, "F_SETPIPE_SZ"):
         with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size for unprivileged users
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-
-
-_LEVEL = re.compile(r"\[(info|warning|error|fatal|panic)\] ")
 
 
 class _AudioBuffer:
@@ -226,6 +226,9 @@ class _AudioBuffer:
             out = np.zeros(count, np.float32)
             out[:usable] = np.frombuffer(self._data, np.float32, count=usable)
             return out
+
+
+_LEVEL = re.compile(r"\[(info|warning|error|fatal|panic)\] ")  # from `-loglevel level+info`
 
 
 class _Process:
@@ -278,10 +281,7 @@ class _Process:
         if not self._dumped.wait(self.timeout_s):
             raise _Stalled
         info = parse_ffmpeg_dump(source, "\n".join(self._dump))
-        if info is None:
-            self.proc.wait()
-            for t in self.threads:
-                t.join()
+        if info is None:  # stderr ended without a dump: ffmpeg could not open the input, and said why
             raise NotMedia(source, self.last_error())
         return info
 

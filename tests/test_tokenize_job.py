@@ -1,0 +1,440 @@
+"""The tokenize job end to end: real ffmpeg decoding, random-init debug tokenizers, real Ray Data, real Parquet.
+
+Tokens are checked against the tokenizers applied directly to independently decoded clips; resumption against an
+uninterrupted run after a SIGKILL of a real job process; and the same job runs against an S3 server on 127.0.0.1
+and under `ray job submit` on a local Ray head.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.fs as pa_fs
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.config import load_config
+from pipeline.magvit import MagvitConfig, MagvitModel, video_to_tensor
+from pipeline.manifest import read_manifest
+from pipeline.media import decode
+from pipeline.quantizers import RVQConfig
+from pipeline.shards import SCHEMA, ShardError, open_shards, shard_files
+from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
+from pipeline.synth import SynthConfig, write_corpus
+from tokenize_jobs import shards_cli
+from tokenize_jobs.job import TokenizeConfig, TokenizeJob, main
+from tokenize_jobs.stages import structure_video
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real"
+CFG = load_config(TokenizeConfig, "debug", kind="tokenize")
+ENV = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """Random-init debug tokenizers: two video ones (different weights) and a tiny 4-level audio one."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    video = load_config(MagvitConfig, "debug", kind="video_tokenizer")
+    for seed, name in ((0, "video"), (1, "video2")):
+        torch.manual_seed(seed)
+        save_checkpoint(root / name, MagvitModel(video), video)
+    audio = SoundStreamConfig(channels=4, latent_dim=8, quantizer=RVQConfig(levels=4, codebook_size=64))
+    save_checkpoint(root / "audio", SoundStreamModel(audio), audio)
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Six synthetic MP4s with audio, two clips each at 8 fps."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root, SynthConfig(width=48, height=32, fps=8, frames=34), 6, seed=0)
+    return root / "manifest.jsonl"
+
+
+def job_args(manifest, out, tokenizers, *extra, audio=True):
+    args = ["--manifest", str(manifest), "--out", str(out), "--video-tokenizer", str(tokenizers / "video"),
+            "--config", "debug", *extra]
+    return args + (["--audio-tokenizer", str(tokenizers / "audio")] if audio else [])
+
+
+@pytest.fixture(scope="module")
+def tokenized(ray_local, corpus, tokenizers, tmp_path_factory):
+    """The reference run: the synthetic corpus, one input per shard, audio included."""
+    out = tmp_path_factory.mktemp("tokenized")
+    assert main(job_args(corpus, out, tokenizers, "--inputs-per-shard", "1")) == 0
+    return out
+
+
+def subset(manifest, n, dest):
+    """The first n rows of a manifest, with absolute paths, written to dest."""
+    rows = read_manifest(manifest).slice(0, n).to_pylist()
+    dest.write_text("".join(json.dumps({"path": r["path"], "id": r["id"], "caption": r["caption"]}) + "\n"
+                            for r in rows))
+    return dest
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).glob("*.parquet"))}
+
+
+def only_fingerprint(out):
+    (folder,) = [p for p in Path(out).iterdir() if p.name != "_jobs"]
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+
+def test_tokens_match_the_tokenizers_on_independently_decoded_clips(tokenized, corpus, tokenizers):
+    shards = open_shards(str(tokenized))
+    table = shards.to_table()
+    assert table.schema.equals(SCHEMA, check_metadata=False)
+    video, audio = load_checkpoint(tokenizers / "video"), load_checkpoint(tokenizers / "audio")
+    manifest = read_manifest(corpus).to_pylist()
+    rows = {r["clip_id"]: r for r in table.to_pylist()}
+    assert len(rows) == table.num_rows == 12
+    for item in manifest:
+        result = decode(item["path"], CFG.media)
+        assert result.ok and len(result.clips) == 2
+        frames = np.stack([c.frames for c in result.clips])
+        codes = video.encode(video_to_tensor(frames)).numpy()
+        audio_codes = audio.encode(torch.from_numpy(np.stack([c.audio for c in result.clips]))).numpy()
+        for clip, expected, expected_audio in zip(result.clips, codes, audio_codes):
+            row = rows[f"{item['id']}#{clip.index:05d}"]
+            assert row["source"] == item["source"] and row["caption"] == item["caption"]
+            assert (row["start"], row["end"]) == (clip.start, clip.end)
+            assert row["video_shape"] == [5, 4, 4] and row["audio_shape"] == [4, 106]
+            np.testing.assert_array_equal(np.reshape(row["video_tokens"], row["video_shape"]), expected)
+            np.testing.assert_array_equal(np.reshape(row["audio_tokens"], row["audio_shape"]), expected_audio)
+            assert row["has_audio"] and row["split"] in ("train", "val")
+            assert json.loads(row["extras"]).keys() == {"shape", "color", "motion"}
+
+
+def test_shard_layout_metadata_and_job_manifest(tokenized, tokenizers):
+    folder = only_fingerprint(tokenized)
+    assert [p.name for p in sorted(folder.iterdir())] == [f"shard-{i:05d}.parquet" for i in range(6)]
+    meta = open_shards(str(folder)).meta
+    assert meta.fingerprint == folder.name and meta.schema_version == 1 and meta.created
+    assert meta.tokenizers["video"]["fingerprint"] == load_checkpoint(tokenizers / "video").fingerprint()
+    assert meta.tokenizers["audio"]["config"]["quantizer"]["levels"] == 4
+    assert meta.settings["media"]["height"] == 32 and meta.shard["inputs"] == 1
+    job = json.loads((tokenized / "_jobs" / folder.name / "job.json").read_text())
+    assert job["status"] == "done" and job["inputs"] == 6 and job["clips"] == 12 and job["inputs_failed"] == 0
+    assert pq.read_table(tokenized / "_jobs" / folder.name / "errors.parquet").num_rows == 0
+
+
+def test_rerun_skips_finished_shards(tokenized, corpus, tokenizers):
+    before = digest(only_fingerprint(tokenized))
+    cfg = load_config(TokenizeConfig, "debug", ["inputs_per_shard=1"], kind="tokenize")
+    summary = TokenizeJob(cfg, str(corpus), str(tokenized), str(tokenizers / "video"),
+                          str(tokenizers / "audio")).run()
+    assert (summary["shards_written"], summary["shards_skipped"], summary["clips"]) == (0, 6, 12)
+    assert digest(only_fingerprint(tokenized)) == before
+
+
+def test_a_different_manifest_cannot_resume_into_the_same_out(tokenized, corpus, tokenizers, tmp_path, capsys):
+    smaller = subset(corpus, 3, tmp_path / "three.jsonl")
+    assert main(job_args(smaller, tokenized, tokenizers, "--inputs-per-shard", "1")) == 2
+    assert "started with a different manifest" in capsys.readouterr().err
+
+
+def test_shards_load_with_pyarrow_ray_and_datasets(tokenized, ray_local, tmp_path):
+    import datasets
+    import pyarrow.dataset as pa_ds
+
+    folder = str(only_fingerprint(tokenized))
+    expected = sorted(open_shards(folder).to_table(["clip_id"]).column("clip_id").to_pylist())
+    assert sorted(pa_ds.dataset(folder, format="parquet").to_table().column("clip_id").to_pylist()) == expected
+    ray_rows = ray_local.data.read_parquet(folder).select_columns(["clip_id", "video_tokens"]).take_all()
+    assert sorted(r["clip_id"] for r in ray_rows) == expected and len(ray_rows[0]["video_tokens"]) == 80
+    hf = datasets.load_dataset("parquet", data_dir=folder, split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(hf["clip_id"]) == expected and len(hf[0]["audio_tokens"]) == 4 * 106
+
+
+def test_shards_info(tokenized, capsys):
+    assert shards_cli.main(["info", str(tokenized), "--json"]) == 0
+    (report,) = json.loads(capsys.readouterr().out)["tokenizations"]
+    assert report["clips"] == 12 and report["files"] == 6 and report["status"] == "done"
+    assert report["tokens"]["video"]["shapes"] == {"5x4x4": 12} and report["tokens"]["video"]["tokens"] == 960
+    assert report["tokens"]["audio"]["clips"] == 12 and report["tokenizers"]["video"]["codebook_size"] == 256
+    assert 0 < report["tokens"]["video"]["used_fraction"] <= 1 and report["errors"]["count"] == 0
+    assert shards_cli.main(["info", str(only_fingerprint(tokenized))]) == 0
+    text = capsys.readouterr().out
+    assert report["fingerprint"] in text and "video tokens: 12 clips (5x4x4 x12)" in text
+    assert shards_cli.main(["info", str(tokenized / "missing")]) == 2
+
+
+def test_new_tokenizer_writes_a_new_fingerprint_with_optional_outputs(ray_local, corpus, tokenizers, tmp_path):
+    manifest = subset(corpus, 2, tmp_path / "two.jsonl")
+    out = tmp_path / "out"
+    assert main(job_args(manifest, out, tokenizers, "--hr", "--structure", audio=False)) == 0
+    first = only_fingerprint(out)
+    before = digest(first)
+    rows = open_shards(str(first)).to_table().to_pylist()
+    video = load_checkpoint(tokenizers / "video")
+    hr_media = dataclasses.replace(CFG.media, height=64, width=64)
+    for item in read_manifest(manifest).to_pylist():
+        hr = np.stack([c.frames for c in decode(item["path"], hr_media).clips])
+        low = hr.reshape(len(hr), 17, 32, 2, 32, 2, 3).astype(np.float32).mean((3, 5)).round().astype(np.uint8)
+        expected = {"video": video.encode(video_to_tensor(low)), "hr_video": video.encode(video_to_tensor(hr)),
+                    "structure": video.encode(video_to_tensor(structure_video(low)))}
+        mine = [r for r in rows if r["id"] == item["id"]]
+        assert len(mine) == 2
+        for row in mine:
+            assert row["hr_video_shape"] == [5, 8, 8] and row["structure_shape"] == [5, 4, 4]
+            assert row["audio_tokens"] is None and row["has_audio"]
+            for name, codes in expected.items():
+                np.testing.assert_array_equal(np.reshape(row[f"{name}_tokens"], row[f"{name}_shape"]),
+                                              codes[row["clip_index"]].numpy())
+
+    args = job_args(manifest, out, tokenizers, "--hr", "--structure", audio=False)
+    args[args.index("--video-tokenizer") + 1] = str(tokenizers / "video2")
+    assert main(args) == 0
+    second = next(p for p in out.iterdir() if p.name not in ("_jobs", first.name))
+    assert digest(first) == before, "re-tokenizing must leave the old shards untouched"
+    assert open_shards(str(second)).meta.tokenizers["video"]["fingerprint"] != \
+        open_shards(str(first)).meta.tokenizers["video"]["fingerprint"]
+    with pytest.raises(ShardError, match="2 tokenizations"):
+        open_shards(str(out))
+    with pytest.raises(ShardError, match="refusing to mix tokenizer fingerprints"):
+        open_shards([str(first), str(second)])
+
+
+def test_bad_arguments_are_named(tokenizers, corpus, tmp_path, capsys):
+    args = job_args(corpus, tmp_path / "out", tokenizers, audio=False)
+    args[args.index("--video-tokenizer") + 1] = str(tokenizers / "audio")
+    assert main(args) == 2
+    assert "a 'soundstream' checkpoint, expected 'magvit'" in capsys.readouterr().err
+    assert main(job_args(corpus, tmp_path / "out", tokenizers, "--set", "media.height=36")) == 2
+    assert "cannot take 17x36x32 clips" in capsys.readouterr().err
+    assert main(job_args(tmp_path / "none.jsonl", tmp_path / "out", tokenizers)) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(job_args(corpus, tmp_path / "out", tokenizers, "--max-error-fraction", "2")) == 2
+    assert "max_error_fraction must lie in [0, 1]" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- bad inputs
+
+def test_bad_inputs_become_error_rows_and_the_guard_fails_the_job(ray_local, corpus, tokenizers, tmp_path, capsys):
+    (tmp_path / "notes.mp4").write_text("not a video at all\n")
+    os.mkfifo(tmp_path / "stalled.mp4")  # nobody ever writes: ffmpeg hangs until the timeout kills it
+    good = read_manifest(corpus).column("path")[0].as_py()
+    rows = [{"path": good, "id": "good"}, {"path": "missing.mp4", "id": "missing"},
+            {"path": "notes.mp4", "id": "notes"}, {"path": "stalled.mp4", "id": "stalled"}]
+    if REAL.exists():
+        rows.append({"path": str(REAL / "video_90.mov"), "id": "short"})  # 0.1 s: too short when short="skip"
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    extra = ["--set", "media.timeout_s=1.0", "--set", 'media.short="skip"', "--track"]
+    assert main(job_args(manifest, out, tokenizers, *extra, audio=False)) == 1
+    captured = capsys.readouterr()
+    assert f"{len(rows) - 1} of {len(rows)} inputs failed" in captured.err and "errors.parquet" in captured.err
+    assert "tokenize failed" in captured.out
+    folder = only_fingerprint(out)
+    errors = {e["source"]: e for e in pq.read_table(out / "_jobs" / folder.name / "errors.parquet").to_pylist()}
+    kinds = {source: e["error_kind"] for source, e in errors.items()}
+    expected = {"missing.mp4": "missing", "notes.mp4": "not_media", "stalled.mp4": "timeout"}
+    if REAL.exists():
+        expected[str(REAL / "video_90.mov")] = "too_short"
+    assert kinds == expected
+    assert all(e["stage"] == "decode" and e["message"] and e["clips_kept"] == 0 for e in errors.values())
+    assert open_shards(str(out)).to_table(["id"]).column("id").to_pylist() == ["good", "good"]
+
+    from pipeline.tracking import default_uri, search_runs
+
+    (run,) = search_runs(default_uri(out / "_jobs"), "videopoet")
+    assert run.data.metrics["inputs_failed"] == len(rows) - 1 and run.info.status == "FAILED"
+
+
+@pytest.mark.heavy
+def test_the_whole_real_corpus(ray_local, tokenizers, tmp_path, capsys):
+    if not REAL.exists():
+        pytest.skip(f"{REAL} not present")
+    out = tmp_path / "out"
+    args = job_args(REAL / "captions.jsonl", out, tokenizers, "--inputs-per-shard", "4")
+    assert main(args + ["--max-error-fraction", "0.1"]) == 1  # 4 of 13 inputs fail
+    assert main(args + ["--max-error-fraction", "0.5"]) == 0  # same tokenization: every shard is skipped
+    assert "0 written, 4 already done" in capsys.readouterr().out
+    folder = only_fingerprint(out)
+    errors = {e["source"]: e for e in pq.read_table(out / "_jobs" / folder.name / "errors.parquet").to_pylist()}
+    assert {s: e["error_kind"] for s, e in errors.items()} == {
+        "result.webm": "empty", "example.wav": "no_video", "crunching.mp3": "no_video", "corrupted.mp4": "corrupt"}
+    rows = open_shards(str(out)).to_table().to_pylist()
+    clips = {}
+    for row in rows:
+        clips.setdefault(row["source"], []).append(row)
+    # A file damaged part-way keeps the clips decoded before the damage, and the error row says how many.
+    assert len(clips["corrupted.mp4"]) == errors["corrupted.mp4"]["clips_kept"] >= 1
+    sources = [json.loads(line)["path"] for line in (REAL / "captions.jsonl").read_text().splitlines()]
+    assert set(clips) | {s for s, e in errors.items() if e["clips_kept"] == 0} == set(sources)
+    assert all(r["audio_tokens"] is None and not r["has_audio"] for r in clips["example.mp4"])
+    assert all(r["audio_shape"] == [4, 106] for r in clips["flipping_a_pancake.mkv"])
+    assert clips["video_90.mov"][0]["padded_frames"] > 0
+    assert len({r["clip_id"] for r in rows}) == len(rows)
+    assert shards_cli.main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "errors: 4 (corrupt 1, empty 1, no_video 2)" in text and "status done" in text
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+
+def session_pids(sid):
+    pids = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                pids.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            pass
+    return pids
+
+
+def end_session(proc, grace_s=20.0):
+    """Wait for everything started in `proc`'s session (Ray's processes included) to exit; SIGKILL what is left."""
+    deadline = time.monotonic() + grace_s
+    while session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in session_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.heavy
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tokenized, ray_local, corpus, tokenizers, tmp_path):
+    out = tmp_path / "out"
+    args = job_args(corpus, out, tokenizers, "--inputs-per-shard", "1")
+    log = open(tmp_path / "job.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "tokenize_jobs.job", *args], stdout=log, stderr=subprocess.STDOUT,
+                            env=ENV, start_new_session=True)
+    folder = out / only_fingerprint(tokenized).name  # same tokenizers and settings: the same fingerprint
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not list(folder.glob("shard-*.parquet")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    end_session(proc)
+    done_before = digest(folder) if folder.exists() else {}
+    assert done_before, f"the job never finished a shard: {(tmp_path / 'job.log').read_text()[-3000:]}"
+    assert len(done_before) < 6, "the job finished before it was killed: nothing was interrupted"
+
+    assert main(args) == 0
+    assert {k: v for k, v in digest(folder).items() if k in done_before} == done_before  # finished shards kept
+    reference = only_fingerprint(tokenized)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for path in sorted(reference.iterdir()):
+        assert pq.read_table(folder / path.name).equals(pq.read_table(path))
+    clip_ids = open_shards(str(folder)).to_table(["clip_id"]).column("clip_id").to_pylist()
+    assert len(clip_ids) == len(set(clip_ids)) == 12
+    job = json.loads((out / "_jobs" / folder.name / "job.json").read_text())
+    assert job["status"] == "done" and job["clips"] == 12
+
+
+@pytest.mark.heavy
+def test_s3_input_and_output(tokenized, corpus, tokenizers, tmp_path, monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    (port,) = free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        s3 = pa_fs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                                access_key="testing", secret_key="testing", allow_bucket_creation=True)
+        s3.create_dir("corpus")
+        for path in [corpus, *sorted((corpus.parent / "videos").iterdir())]:
+            with s3.open_output_stream(f"corpus/{path.relative_to(corpus.parent).as_posix()}") as f:
+                f.write(path.read_bytes())
+        for path in (tokenizers / "video").iterdir():
+            with s3.open_output_stream(f"corpus/tokenizer/{path.name}") as f:
+                f.write(path.read_bytes())
+        args = ["--manifest", "s3://corpus/manifest.jsonl", "--out", "s3://corpus/tokens", "--video-tokenizer",
+                "s3://corpus/tokenizer", "--audio-tokenizer", str(tokenizers / "audio"), "--config", "debug",
+                "--inputs-per-shard", "1"]
+        proc = subprocess.Popen([sys.executable, "-m", "tokenize_jobs.job", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env={**ENV, **env}, start_new_session=True)
+        output = proc.communicate(timeout=300)[0].decode()
+        end_session(proc)
+        assert proc.returncode == 0, output[-3000:]
+        reference = only_fingerprint(tokenized)
+        shards = open_shards("s3://corpus/tokens")
+        assert shards.fingerprint == reference.name
+        assert [p.rsplit("/", 1)[1] for p in shards.files] == sorted(p.name for p in reference.iterdir())
+        for path in shards.files:
+            with s3.open_input_file(path) as f:
+                assert pq.read_table(f).equals(pq.read_table(reference / path.rsplit("/", 1)[1]))
+        assert s3.get_file_info(f"corpus/tokens/_jobs/{reference.name}/errors.parquet").size > 0
+        assert not [i for i in s3.get_file_info(pa_fs.FileSelector("corpus/tokens", recursive=True))
+                    if ".tmp-" in i.path]
+        # Re-running skips every shard: the shard keys are written once.
+        before = {i.path: i.mtime for i in s3.get_file_info(pa_fs.FileSelector(f"corpus/tokens/{reference.name}"))}
+        assert main(args) == 0
+        after = {i.path: i.mtime for i in s3.get_file_info(pa_fs.FileSelector(f"corpus/tokens/{reference.name}"))}
+        assert after == before and len(shard_files(s3, f"corpus/tokens/{reference.name}")) == 6
+    finally:
+        server.stop()
+
+
+@pytest.mark.heavy
+def test_ray_job_submit_on_a_local_head(corpus, tokenizers, tmp_path):
+    work = tmp_path / "work"  # the job's --working-dir: the manifest and its two videos, nothing else
+    write_corpus(work, SynthConfig(width=48, height=32, fps=8, frames=17), 2, seed=1)
+    out = tmp_path / "out"
+    ports = free_ports(7)
+    # Token auth is on by default for local clusters in Ray 2.60: both sides read the token from RAY_AUTH_TOKEN.
+    env = {**ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex()}
+    bindir = Path(sys.executable).parent
+    temp_dir = tempfile.mkdtemp(prefix="vp-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [str(bindir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ports[0]}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={ports[1]}", f"--dashboard-agent-listen-port={ports[2]}",
+         f"--dashboard-agent-grpc-port={ports[3]}", f"--ray-client-server-port={ports[4]}",
+         f"--runtime-env-agent-port={ports[5]}", f"--metrics-export-port={ports[6]}", "--num-cpus=2",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{ports[1]}"
+        entrypoint = (f"{sys.executable} -m tokenize_jobs.job --manifest manifest.jsonl --out {out} "
+                      f"--video-tokenizer {tokenizers / 'video'} --config debug")
+        submit = [str(bindir / "ray"), "job", "submit", "--address", address, "--working-dir", str(work), "--",
+                  *entrypoint.split()]
+        for _ in range(60):  # the dashboard's job agent comes up a little after the head
+            result = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=300)
+            if "No available agent" not in result.stdout + result.stderr:
+                break
+            time.sleep(2)
+        assert result.returncode == 0 and "succeeded" in result.stdout, (result.stdout + result.stderr)[-3000:]
+        assert "tokenize done: 2 clips from 2 inputs" in result.stdout
+        shards = open_shards(str(out))
+        assert shards.clips == 2 and shards.meta.shard["inputs"] == 2
+    finally:
+        head.send_signal(signal.SIGTERM)
+        end_session(head)

@@ -1,0 +1,221 @@
+"""The tokenize job's stages: plain callables over numpy batches, run by Ray Data as tasks or actor pools.
+
+    Decode           manifest rows -> clip rows (`DecodeClips`), plus the columns the job carries through, then:
+      downscale_2x   2x frames -> the base frames (2x2 means) and the 2x frames kept as `frames_hr`
+      add_structure  frames -> the structure video (optical flow x, y and luminance as 3 channels)
+    VideoTokenizer   frame columns -> `<name>_tokens` (rows, t*h*w) int32 and `<name>_shape` (rows, 3)
+    AudioTokenizer   audio -> `audio_tokens` (rows, levels*frames) int16, level-major, and `audio_shape`
+
+Tokenizer stages load their checkpoint once per actor, run on the GPU in bf16 when the actor has one (fp32 on
+CPU), tokenize only the rows that decoded (`ok`), and pass every other column through. This module imports no Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce
+
+from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, read_metadata
+from pipeline.magvit import video_to_tensor
+from pipeline.manifest import is_uri, resolve_filesystem
+from pipeline.media import MediaConfig
+from tokenize_jobs.decode import DecodeClips
+
+FLOW_RANGE = 0.1  # flow of this fraction of the frame width per frame maps to the ends of the uint8 range
+LUMA = (0.299, 0.587, 0.114)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_metadata(location: str) -> dict[str, Any]:
+    """The `config.json` of a checkpoint folder, local or behind a URI."""
+    if not is_uri(location):
+        return read_metadata(location)
+    fs, path = resolve_filesystem(location)
+    try:
+        with fs.open_input_stream(posixpath.join(path, CONFIG_FILE)) as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {location}: no {CONFIG_FILE}") from None
+
+
+@contextlib.contextmanager
+def local_checkpoint(location: str) -> Iterator[str]:
+    """A local folder holding the checkpoint: the folder itself, or a temporary copy of a URI's files."""
+    if not is_uri(location):
+        yield location
+        return
+    fs, path = resolve_filesystem(location)
+    with tempfile.TemporaryDirectory(prefix="videopoet-ckpt-") as tmp:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            with fs.open_input_stream(posixpath.join(path, name)) as src, open(Path(tmp) / name, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+        yield tmp
+
+
+def _device() -> torch.device:
+    # Ray hides GPUs from actors that did not ask for one, so this is the actor's own assignment.
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------- decode
+
+class Decode:
+    """`DecodeClips`, plus the manifest columns the job needs on every clip (shard, split, extras) and
+    `input_rows`, the number of rows its input produced, so the writer knows when an input is complete; then each
+    of `transforms` (batch -> batch) in order, on the same worker."""
+
+    CARRIED = ("shard", "split", "extras")
+
+    def __init__(self, media: MediaConfig, transforms: Sequence[Callable[[dict], dict]] = ()):
+        self.decode = DecodeClips(media)
+        self.transforms = tuple(transforms)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = self.decode(batch)
+        row_of = {key: i for i, key in enumerate(batch["id"])}
+        rows = np.array([row_of[key] for key in out["id"]], dtype=np.int64)
+        for name in self.CARRIED:
+            out[name] = np.asarray(batch[name])[rows] if len(rows) else np.asarray(batch[name])[:0]
+        out["input_rows"] = np.bincount(rows, minlength=len(batch["id"]))[rows] if len(rows) else rows
+        for transform in self.transforms:
+            out = transform(out)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- video CPU stages
+
+def downscale_2x(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Frames decoded at twice the size -> `frames` (means of 2x2 pixel blocks) and `frames_hr` (as decoded)."""
+    frames = batch["frames"]
+    batch["frames_hr"] = frames
+    low = reduce(frames.astype(np.float32), "b t (h sh) (w sw) c -> b t h w c", "mean", sh=2, sw=2)
+    batch["frames"] = np.round(low).astype(np.uint8)
+    return batch
+
+
+def _pad(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Replicate the border of (N, H, W) by `before` rows/columns at the top/left and `after` at the bottom/right."""
+    return F.pad(x[:, None], (before, after, before, after), mode="replicate")[:, 0]
+
+
+def _neighbour_mean(x: torch.Tensor) -> torch.Tensor:
+    """Horn-Schunck's weighted mean of the 8 neighbours (1/6 edge, 1/12 corner); slices beat a 1-channel conv."""
+    p = _pad(x, 1, 1)
+    edges = p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:]
+    corners = p[:, :-2, :-2] + p[:, :-2, 2:] + p[:, 2:, :-2] + p[:, 2:, 2:]
+    return edges / 6 + corners / 12
+
+
+def optical_flow(previous: torch.Tensor, current: torch.Tensor, alpha: float = 0.05, iters: int = 64) -> torch.Tensor:
+    """Horn-Schunck flow from `previous` to `current` (N, H, W) intensities in [0, 1] -> (N, 2, H, W) in pixels.
+
+    Derivatives are averaged over the 2x2x2 cube of both frames. Single-scale: motions beyond a couple of pixels per
+    frame are underestimated, which is enough for a structure signal but not for measuring motion.
+    """
+    a, b = _pad(previous, 0, 1), _pad(current, 0, 1)
+    both, change = a + b, b - a
+    ix = (both[:, :-1, 1:] - both[:, :-1, :-1] + both[:, 1:, 1:] - both[:, 1:, :-1]) / 4
+    iy = (both[:, 1:, :-1] - both[:, :-1, :-1] + both[:, 1:, 1:] - both[:, :-1, 1:]) / 4
+    it = (change[:, :-1, :-1] + change[:, :-1, 1:] + change[:, 1:, :-1] + change[:, 1:, 1:]) / 4
+    denominator = alpha ** 2 + ix ** 2 + iy ** 2
+    u = torch.zeros_like(previous)
+    v = torch.zeros_like(previous)
+    for _ in range(iters):
+        u_mean, v_mean = _neighbour_mean(u), _neighbour_mean(v)
+        step = (ix * u_mean + iy * v_mean + it) / denominator
+        u, v = u_mean - ix * step, v_mean - iy * step
+    return torch.stack([u, v], dim=1)
+
+
+def structure_video(frames: np.ndarray) -> np.ndarray:
+    """uint8 frames (B, T, H, W, 3) -> the structure video (B, T, H, W, 3): flow x, flow y, luminance.
+
+    Flow at frame t is the motion from frame t - 1 (zero at frame 0), scaled so FLOW_RANGE of the frame width per
+    frame spans the uint8 range around 128. Luminance stands in for depth, which needs a model we do not ship.
+    """
+    b, t, h, w, _ = frames.shape
+    luma = torch.tensor(frames, dtype=torch.float32) @ torch.tensor(LUMA) / 255
+    flow = torch.zeros(b, t, 2, h, w)
+    if t > 1:
+        pairs = optical_flow(luma[:, :-1].reshape(-1, h, w), luma[:, 1:].reshape(-1, h, w))
+        flow[:, 1:] = pairs.reshape(b, t - 1, 2, h, w)
+    flow = 128 + 127 * (flow / (FLOW_RANGE * w)).clamp(-1, 1)
+    video = torch.cat([rearrange(flow, "b t c h w -> b t h w c"), luma[..., None] * 255], dim=-1)
+    return video.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def add_structure(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    batch["structure"] = structure_video(batch["frames"])
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizers
+
+class VideoTokenizer:
+    """Tokenizes frame columns with one MAGVIT checkpoint: `columns` pairs an input column with an output name."""
+
+    def __init__(self, checkpoint: str, columns: Sequence[tuple[str, str]] = (("frames", "video"),)):
+        self.device = _device()
+        with local_checkpoint(checkpoint) as folder:
+            self.model = load_checkpoint(folder, self.device)
+        self.columns = tuple(columns)
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        with _autocast(self.device):
+            return self.model.encode(video_to_tensor(frames).to(self.device)).cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.flatnonzero(batch["ok"])
+        for source, name in self.columns:
+            frames = batch.pop(source)
+            shape = self.model.latent_shape(*frames.shape[1:4])
+            tokens = np.zeros((len(frames), int(np.prod(shape))), np.int32)
+            if len(ok):
+                tokens[ok] = self.encode(frames[ok]).reshape(len(ok), -1)
+            batch[f"{name}_tokens"] = tokens
+            batch[f"{name}_shape"] = np.tile(np.array(shape, np.int32), (len(frames), 1))
+        return batch
+
+
+class AudioTokenizer:
+    """Tokenizes `audio` with one SoundStream checkpoint, rows that decoded and have audio only."""
+
+    def __init__(self, checkpoint: str):
+        self.device = _device()
+        with local_checkpoint(checkpoint) as folder:
+            self.model = load_checkpoint(folder, self.device)
+
+    @torch.no_grad()
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        with _autocast(self.device):
+            codes = self.model.encode(torch.from_numpy(audio).to(self.device))
+        return rearrange(codes.cpu().numpy(), "b l f -> b (l f)")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        audio = batch.pop("audio")
+        shape = self.model.latent_shape(audio.shape[1])
+        rows = np.flatnonzero(np.asarray(batch["ok"], bool) & np.asarray(batch["has_audio"], bool))
+        tokens = np.zeros((len(audio), int(np.prod(shape))), np.int16)
+        if len(rows):
+            tokens[rows] = self.encode(np.ascontiguousarray(audio[rows], np.float32))
+        batch["audio_tokens"] = tokens
+        batch["audio_shape"] = np.tile(np.array(shape, np.int32), (len(audio), 1))
+        return batch

@@ -157,9 +157,9 @@ class EMACodebook(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
 
     def assign(self, x: Tensor) -> Tensor:
-        """Nearest codeword (L2) of each row of x (N, D)."""
-        dist = x.pow(2).sum(-1, keepdim=True) - 2 * x @ self.embed.T + self.embed.pow(2).sum(-1)
-        return dist.argmin(-1)
+        """Nearest codeword (L2) of each row of x (N, D). cdist runs in float32 under autocast, so codes do not
+        depend on the precision the encoder ran in."""
+        return torch.cdist(x.float(), self.embed.float()).argmin(-1)
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:

@@ -23,7 +23,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 import urllib.parse
 from dataclasses import dataclass

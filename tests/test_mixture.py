@@ -3,13 +3,11 @@ import pytest
 
 from pipeline.sequence import Task, parse_sequence
 from pipeline.vocab import Vocabulary
+from pipeline.text import WordVocabulary
 from train.mixture import Mixture, MixtureConfig, Row, collate, rows_from_table
 
 VOCAB = Vocabulary(video_codes=256, audio_levels=2, audio_codes=32, text_size=16)
-
-
-def encode_text(caption):
-    return np.array([hash(w) % 16 for w in caption.split()], np.int64)
+WORDS = WordVocabulary.build([f"a red circle {i}" for i in range(6)])
 
 
 def make_rows(n=6, seed=0):
@@ -24,18 +22,19 @@ def make_rows(n=6, seed=0):
 
 
 def test_every_task_builds_and_parses():
-    mixture = Mixture(MixtureConfig(condition_dropout=0.0), VOCAB, encode_text, steps=100)
+    mixture = Mixture(MixtureConfig(condition_dropout=0.0), VOCAB, WORDS, steps=100)
     rng = np.random.default_rng(0)
     for task in Task:
         row = next(r for r in make_rows() if mixture.lacks(task, r) is None)
-        seq = mixture.build(task, row, rng)
+        seq, condition = mixture.build(task, row, rng)
+        assert len(condition) == (0 if task == Task.UNCONDITIONAL else len(seq.layout.segments) and len(condition))
         parsed = parse_sequence(seq.ids, seq.layout)
         np.testing.assert_array_equal(parsed.video, row.video[:1] if task == Task.TEXT_TO_IMAGE else row.video)
         assert seq.loss_mask[: seq.prefix_length].sum() == 0 and seq.loss_mask.sum() > 0
 
 
 def test_schedule_follows_the_paper():
-    mixture = Mixture(MixtureConfig(), VOCAB, encode_text, steps=100)
+    mixture = Mixture(MixtureConfig(), VOCAB, WORDS, steps=100)
     early, late = mixture.task_probabilities(0), mixture.task_probabilities(50)
     assert early[Task.TEXT_TO_IMAGE] == pytest.approx(0.9) and late[Task.TEXT_TO_IMAGE] == pytest.approx(0.1)
     assert sum(early.values()) == pytest.approx(1) and sum(late.values()) == pytest.approx(1)
@@ -46,19 +45,30 @@ def test_schedule_follows_the_paper():
 
 def test_batches_share_a_task_and_count_skips():
     cfg = MixtureConfig(weights={"video_to_audio": 1.0, "text_to_video": 1.0})
-    mixture = Mixture(cfg, VOCAB, encode_text, steps=10)
+    mixture = Mixture(cfg, VOCAB, WORDS, steps=10)
     rows, skipped = make_rows(), {}
     for step in range(6):
-        task, seqs = mixture.batch(rows, step, seed=1, rank=0, size=4, skipped=skipped)
-        assert all(s.layout.task == task for s in seqs)
+        task, seqs, conditions = mixture.batch(rows, step, seed=1, rank=0, size=4, skipped=skipped)
+        assert all(s.layout.task == task for s in seqs) and len(conditions) == 4
         batch = collate(seqs)
         assert batch["ids"].shape[0] == 4 and 0 <= batch["padding"] < 0.2
     assert set(skipped) <= {"video_to_audio.no_audio", "text_to_video.no_caption"} and skipped
 
 
+def test_condition_dropout():
+    row = make_rows()[1]
+    mixture = Mixture(MixtureConfig(condition_dropout=1.0), VOCAB, WORDS, steps=10)
+    rng = np.random.default_rng(0)
+    assert mixture.build(Task.TEXT_TO_VIDEO, row, rng)[0].layout.task == Task.UNCONDITIONAL
+    assert mixture.build(Task.TEXT_TO_IMAGE, row, rng)[0].layout.text_tokens > 0
+    assert mixture.build(Task.IMAGE_TO_VIDEO, row, rng)[0].layout.text_tokens == 0
+    kept = Mixture(MixtureConfig(condition_dropout=0.0), VOCAB, WORDS, steps=10)
+    assert kept.build(Task.IMAGE_TO_VIDEO, row, rng)[0].layout.text_tokens > 0
+
+
 def test_unusable_task_and_bad_weights():
     rows = [Row(video=np.zeros((3, 2, 2), np.int64), audio=None, structure=None, caption="x")]
-    mixture = Mixture(MixtureConfig(weights={"video_to_audio": 1.0}), VOCAB, encode_text, steps=10)
+    mixture = Mixture(MixtureConfig(weights={"video_to_audio": 1.0}), VOCAB, WORDS, steps=10)
     with pytest.raises(ValueError, match="no row has the inputs of video_to_audio"):
         mixture.batch(rows, 0, 0, 0, 2, {})
     with pytest.raises(ValueError, match="unknown task 'text_to_smell'"):

@@ -5,8 +5,10 @@ with it. All sequences of a task share one layout length, so a batch needs almos
 different word counts differ), and steps alternate between the length groups of the tasks. A row that lacks a task's
 inputs (no caption, no audio track, no structure video) is skipped for that step and counted.
 
-Condition dropout for classifier-free guidance: with probability `condition_dropout` a sequence's text is replaced
-by an empty caption (text tasks) so the model also learns the unconditional distribution that guidance contrasts.
+Condition dropout for classifier-free guidance: with probability `condition_dropout` a sequence loses its text, so
+the model also learns the unconditional distribution that guidance contrasts. Text-to-video without text is the
+unconditional-video task (they share `<task>`); tasks where text is optional simply drop it; text-to-image and
+stylization keep theirs (they have no text-free form).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pipeline.sequence import TASKS, Task, TaskSequence, build_sequence, central_mask
+from pipeline.text import TextCondition, TextConditioner
 from pipeline.vocab import Special, Vocabulary
 
 DEFAULT_WEIGHTS = {
@@ -75,11 +78,11 @@ def rows_from_table(columns: Mapping[str, Sequence[Any]]) -> list[Row]:
 
 
 class Mixture:
-    def __init__(self, cfg: MixtureConfig, vocab: Vocabulary, encode_text, steps: int):
-        """`encode_text(caption) -> word token ids` (local to the text range); `steps` sets the schedule."""
+    def __init__(self, cfg: MixtureConfig, vocab: Vocabulary, text: TextConditioner, steps: int):
+        """`text` turns captions into word tokens or embeddings; `steps` (the run's length) sets the schedule."""
         self.cfg = cfg
         self.vocab = vocab
-        self.encode_text = encode_text
+        self.text = text
         self.steps = steps
         self.tasks = [Task(name) for name, w in cfg.weights.items() if w > 0]
 
@@ -113,14 +116,17 @@ class Mixture:
             return "structure"
         return None
 
-    def build(self, task: Task, row: Row, rng: np.random.Generator) -> TaskSequence:
+    def build(self, task: Task, row: Row, rng: np.random.Generator) -> tuple[TaskSequence, TextCondition]:
         spec = TASKS[task]
         kwargs: dict[str, Any] = {}
+        condition = TextCondition()
         if spec.text != "none" and row.caption:
             dropped = rng.random() < self.cfg.condition_dropout
-            kwargs["text"] = self.encode_text("" if dropped else row.caption)
-            if spec.text == "optional" and len(kwargs["text"]) == 0:
-                del kwargs["text"]
+            if dropped and task == Task.TEXT_TO_VIDEO:
+                task, spec = Task.UNCONDITIONAL, TASKS[Task.UNCONDITIONAL]
+            elif not (dropped and spec.text == "optional"):
+                (condition,) = self.text.condition([row.caption])
+                kwargs.update(condition.sequence_kwargs())
         if spec.audio_in != "none" or spec.audio_out != "none":
             kwargs["audio"] = row.audio
         t = row.video.shape[0]
@@ -134,15 +140,15 @@ class Mixture:
         if spec.video_in == "structure":
             kwargs["structure"] = row.structure
         video = row.video[:1] if spec.video_out == "image" else row.video  # an image is the clip's first frame
-        return build_sequence(task, self.vocab, video, **kwargs)
+        return build_sequence(task, self.vocab, video, **kwargs), condition
 
     def context_audio_frames(self, context_latent_frames: int, row: Row) -> int:
         """Audio frames covering the input frames behind `k` causal latent frames: 1 + 4 (k - 1) of them."""
         frames_in = 1 + 4 * (context_latent_frames - 1)
         return min(row.audio.shape[1] - 1, max(1, round(frames_in * self.cfg.audio_video_ratio)))
 
-    def batch(self, rows: Sequence[Row], step: int, seed: int, rank: int, size: int,
-              skipped: dict[str, int]) -> tuple[Task, list[TaskSequence]]:
+    def batch(self, rows: Sequence[Row], step: int, seed: int, rank: int, size: int, skipped: dict[str, int]
+              ) -> tuple[Task, list[TaskSequence], list[TextCondition]]:
         """`size` sequences of this step's task from `rows`, drawn deterministically by (seed, step, rank)."""
         task = self.task_for_step(step, seed)
         usable = []
@@ -158,7 +164,8 @@ class Mixture:
                              f"{', '.join(sorted(k for k in skipped if k.startswith(task.value)))}); set its weight to 0")
         rng = np.random.default_rng([seed, step, rank, 1])
         picks = rng.choice(usable, size=size, replace=len(usable) < size)
-        return task, [self.build(task, rows[i], rng) for i in picks]
+        built = [self.build(task, rows[i], rng) for i in picks]
+        return task, [b[0] for b in built], [b[1] for b in built]
 
 
 def collate(sequences: Sequence[TaskSequence], pad_id: int = int(Special.PAD)) -> dict[str, np.ndarray]:

@@ -20,6 +20,15 @@ from pipeline.masking import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: extra intra-op threads only add synchronization, which is very slow on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- training ---------------------------------------------------------------------------------------------------------
 
 

@@ -200,7 +200,8 @@ class VideoPoetLM(nn.Module):
             raise ValueError(f"ids: expected an int64 tensor (B, T) with T >= 1, got "
                              f"{getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
         if not ids.is_meta and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"ids: values must lie in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(f"ids: values must lie in [0, {self.vocab_size}), got "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
 
     @staticmethod
     def _per_sample(value: Tensor | int | None, ids: Tensor, name: str, high: int) -> Tensor:

@@ -1,5 +1,5 @@
 """Super-resolution in token space: a non-autoregressive transformer over the high-resolution token grid that
-predicts masked high-res codes from low-res codes and text (VideoPoet sec. 3.4), trained and decoded as in MAGVIT
+predicts masked high-res codes from low-res codes and text (VideoPoet), trained and decoded as in MAGVIT
 (`pipeline.masking`).
 
 Layout: high-res codes are int64 (B, t, h, w) on the config's `grid`; low-res codes (B, t, h/2, w/2), from the

@@ -3,15 +3,15 @@
 The grid grows along w: (t, h, w), (t, h, 2w), (t, h, 4w). The windowed block uses the demo flavor's window shapes
 (vertical (1, h, 4), horizontal (1, 4, 16), temporal (t, 4, 4)); the full block is the same code with each window the
 size of the grid, so both self-attend and cross-attend to the low-res grid and the text in the same layers and only
-the window differs. Time: forward + backward of the block on random activations, best of `--rounds`. Memory: bytes
-of the activations the block saves for backward (saved-tensor hooks, parameters excluded), the training memory that
-grows with tokens; CPU PyTorch has no allocator peak counter. The exponent is the least-squares slope of log cost
-over log tokens: about 1 for linear cost, 2 for quadratic. The last line printed is one JSON object with the figures;
-`ratio` = full time / windowed time at 4x.
+the window differs. Time: forward + backward of the block on random activations, best of `--rounds` (the rounds
+interleave the cases). Memory: bytes of the activations the block saves for backward (saved-tensor hooks, parameters
+excluded), the training memory that grows with tokens; CPU PyTorch has no allocator peak counter. The exponent is the
+least-squares slope of log cost over log tokens: about 1 for linear cost, 2 for quadratic. The last line printed is
+one JSON object with the figures; `ratio` = full time / windowed time at 4x.
 
 Torch runs on `--threads` threads (1 by default): on a shared CPU, spinning intra-op threads make timings noise.
 
-    python benchmarks/superres.py [--rounds 3] [--grid 4 16 16] [--width 64] [--heads 2]
+    python benchmarks/superres.py [--rounds 5] [--grid 4 16 16] [--width 64] [--heads 2]
 """
 
 from __future__ import annotations
@@ -48,16 +48,6 @@ def step(block: Block, args: tuple[torch.Tensor, ...]) -> None:
     block(*args).square().mean().backward()
 
 
-def best_time(block: Block, args: tuple[torch.Tensor, ...], rounds: int) -> float:
-    step(block, args)  # warm-up
-    best = math.inf
-    for _ in range(rounds):
-        start = time.perf_counter()
-        step(block, args)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def activation_bytes(block: Block, args: tuple[torch.Tensor, ...]) -> int:
     """Bytes of the distinct non-parameter storages that autograd saves for backward during one forward."""
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
@@ -81,20 +71,34 @@ def slope(tokens: list[int], costs: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
-def measure(kind: str, base: tuple[int, int, int], width: int, heads: int, rounds: int) -> dict[str, list]:
-    rows: dict[str, list] = {"tokens": [], "seconds": [], "activation_mb": []}
-    for scale in SCALES:
-        grid = (base[0], base[1], base[2] * scale)
-        windows = windows_for(grid) if kind == "windowed" else (grid,) * 3
-        torch.manual_seed(0)
-        block = Block(width, heads, 4, windows)
-        args = inputs(grid, width, text_len=8)
-        rows["tokens"].append(math.prod(grid))
-        rows["seconds"].append(best_time(block, args, rounds))
-        rows["activation_mb"].append(activation_bytes(block, args) / 2**20)
-        print(f"{kind:9s} grid {grid}: {math.prod(grid):6d} tokens  {rows['seconds'][-1] * 1e3:9.1f} ms  "
-              f"{rows['activation_mb'][-1]:8.1f} MiB saved activations", flush=True)
-    return rows
+def measure(base: tuple[int, int, int], width: int, heads: int, rounds: int) -> dict[str, dict[str, list]]:
+    """Per kind: tokens, best seconds and saved-activation MiB at each scale. Rounds visit every case in turn, so
+    drift in the machine's load hits all of them alike."""
+    cases = []
+    for kind in ("windowed", "full"):
+        for scale in SCALES:
+            grid = (base[0], base[1], base[2] * scale)
+            torch.manual_seed(0)
+            block = Block(width, heads, 4, windows_for(grid) if kind == "windowed" else (grid,) * 3)
+            args = inputs(grid, width, text_len=8)
+            step(block, args)  # warm-up
+            cases.append((kind, grid, block, args))
+    seconds = [math.inf] * len(cases)
+    for _ in range(rounds):
+        for i, (_, _, block, args) in enumerate(cases):
+            start = time.perf_counter()
+            step(block, args)
+            seconds[i] = min(seconds[i], time.perf_counter() - start)
+    runs: dict[str, dict[str, list]] = {kind: {"tokens": [], "seconds": [], "activation_mb": []}
+                                        for kind in ("windowed", "full")}
+    for (kind, grid, block, args), best in zip(cases, seconds):
+        mib = activation_bytes(block, args) / 2**20
+        runs[kind]["tokens"].append(math.prod(grid))
+        runs[kind]["seconds"].append(best)
+        runs[kind]["activation_mb"].append(mib)
+        print(f"{kind:9s} grid {grid}: {math.prod(grid):6d} tokens  {best * 1e3:9.1f} ms  "
+              f"{mib:8.1f} MiB saved activations", flush=True)
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the 1x high-res token grid; w grows 2x and 4x")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     base = tuple(args.grid)
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(g % n for g, n in zip(base, window)):
             parser.error(f"--grid {base}: the windows {windows_for(base)} must tile it")
     torch.set_num_threads(args.threads)
-    runs = {kind: measure(kind, base, args.width, args.heads, args.rounds) for kind in ("windowed", "full")}
+    runs = measure(base, args.width, args.heads, args.rounds)
     result = {
         "windowed_exponent": round(slope(runs["windowed"]["tokens"], runs["windowed"]["seconds"]), 2),
         "full_exponent": round(slope(runs["full"]["tokens"], runs["full"]["seconds"]), 2),

@@ -3,8 +3,9 @@ predicts masked high-res codes from low-res codes and text (VideoPoet), trained 
 (`pipeline.masking`).
 
 Layout: high-res codes are int64 (B, t, h, w) on the config's `grid`; low-res codes (B, t, h/2, w/2), from the
-same tokenizer at half the spatial resolution; text is a float sequence (B, L, text_dim) of encoder embeddings with
-an optional bool mask (B, L), True = a real position.
+same tokenizer at half the spatial resolution; text is a float sequence (B, L, text_dim) of text-encoder
+embeddings or, with `text_vocab` > 0, int64 word ids (B, L) (`pipeline.text.WordVocabulary`) that a learned table
+embeds at width text_dim, with an optional bool mask (B, L), True = a real position.
 
 Tokens: k-way factorization splits a code of `bits` bits into k sub-tokens of bits/k bits, low bits first (2^18 ->
 two 512-way choices). A position's input embedding is the sum of its sub-token embeddings (one table, k ranges), or
@@ -69,6 +70,11 @@ def merge_codes(sub_tokens: Tensor, bits: int) -> Tensor:
     factors = sub_tokens.shape[-1]
     shifts = torch.arange(factors, device=sub_tokens.device) * (bits // factors)
     return (sub_tokens << shifts).sum(-1)
+
+
+def tile(x: Tensor, n: int) -> Tensor:
+    """n copies of a batch, stacked along the batch axis."""
+    return x.repeat(n, *(1,) * (x.ndim - 1))
 
 
 def lowres_window(window: Window) -> Window:
@@ -198,6 +204,7 @@ class SuperResConfig:
     blocks: int = 7
     mlp_ratio: int = 4
     text_dim: int = 2048  # text encoder width (T5-XL)
+    text_vocab: int = 0  # > 0: text may also come as word ids below this, embedded at width text_dim
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
@@ -212,6 +219,8 @@ class SuperResConfig:
                 raise ValueError(f"SuperResConfig.windows: {window} needs even h and w (the low-res window is half)")
         if self.bits % self.factors:
             raise ValueError(f"SuperResConfig: bits={self.bits} is not divisible by factors={self.factors}")
+        if self.text_vocab < 0:
+            raise ValueError(f"SuperResConfig.text_vocab must be >= 0, got {self.text_vocab}")
         if self.width % self.heads:
             raise ValueError(f"SuperResConfig: width={self.width} is not divisible by heads={self.heads}")
 
@@ -237,6 +246,7 @@ class SuperResTransformer(nn.Module):
         self.lr_null = nn.Parameter(torch.zeros(d))
         self.lr_pos_embed = GridEmbedding(cfg.lr_grid, d)
         self.lr_norm = nn.LayerNorm(d)
+        self.text_words = nn.Embedding(cfg.text_vocab, cfg.text_dim) if cfg.text_vocab else None
         self.text_proj = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
         self.text_null = nn.Parameter(torch.zeros(1, d))
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, cfg.windows) for _ in range(cfg.blocks))
@@ -280,10 +290,21 @@ class SuperResTransformer(nn.Module):
             if text_mask is not None:
                 raise ValueError("text_mask: given without text")
             return
-        if not isinstance(text, Tensor) or not text.is_floating_point():
-            raise TypeError(f"text: expected a float tensor of embeddings, got {getattr(text, 'dtype', type(text))}")
-        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.config.text_dim:
-            raise ValueError(f"text: expected shape ({batch}, L, {self.config.text_dim}), got {tuple(text.shape)}")
+        if not isinstance(text, Tensor):
+            raise TypeError(f"text: expected a tensor, got {type(text).__name__}")
+        if text.is_floating_point():
+            if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.config.text_dim:
+                raise ValueError(f"text: expected embeddings ({batch}, L, {self.config.text_dim}), "
+                                 f"got {tuple(text.shape)}")
+        elif text.dtype in (torch.int64, torch.int32) and self.text_words is not None:
+            if text.ndim != 2 or text.shape[0] != batch:
+                raise ValueError(f"text: expected word ids ({batch}, L), got {tuple(text.shape)}")
+            if text.numel() and (text.min() < 0 or text.max() >= self.config.text_vocab):
+                raise ValueError(f"text: word ids must lie in [0, {self.config.text_vocab}), "
+                                 f"got [{int(text.min())}, {int(text.max())}]")
+        else:
+            accepted = "float embeddings or int64 word ids" if self.text_words is not None else "float embeddings"
+            raise TypeError(f"text: expected {accepted}, got {text.dtype}")
         if text_mask is not None and (text_mask.dtype != torch.bool or tuple(text_mask.shape) != text.shape[:2]):
             raise ValueError(f"text_mask: expected bool {tuple(text.shape[:2])}, got {text_mask.dtype} "
                              f"{tuple(text_mask.shape)}")
@@ -307,6 +328,8 @@ class SuperResTransformer(nn.Module):
         keep = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if text_mask is None else text_mask
         if drop is not None:
             keep = keep & ~drop[:, None]
+        if not text.is_floating_point():
+            text = self.text_words(text.long())
         keys = torch.cat([null.to(text.dtype), self.text_proj(text)], dim=1)
         return keys, F.pad(keep, (1, 0), value=True)
 
@@ -362,9 +385,8 @@ class SuperResTransformer(nn.Module):
         n, batch = len(weights), tokens.shape[0]
         drop_lr = torch.tensor([not keep_lr for keep_lr, _ in weights], device=tokens.device)
         drop_text = torch.tensor([not keep_text for _, keep_text in weights], device=tokens.device)
-        logits = self(tokens.repeat(n, 1, 1), masked.repeat(n, 1), lr_codes.repeat(n, 1, 1, 1),
-                      None if text is None else text.repeat(n, 1, 1),
-                      None if text_mask is None else text_mask.repeat(n, 1),
+        logits = self(tile(tokens, n), tile(masked, n), tile(lr_codes, n), None if text is None else tile(text, n),
+                      None if text_mask is None else tile(text_mask, n),
                       drop_lr.repeat_interleave(batch), drop_text.repeat_interleave(batch))
         scales = torch.tensor(list(weights.values()), device=logits.device, dtype=logits.dtype)
         return torch.einsum("c, c b n k v -> b n k v", scales, logits.unflatten(0, (n, batch)))

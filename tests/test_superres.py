@@ -258,6 +258,26 @@ def test_dropped_conditions():
         torch.testing.assert_close(model(tokens, masked, lr, padded, keep), model(tokens, masked, lr, text))
 
 
+def test_text_as_word_ids():
+    model = debug_model()
+    hr, lr, _ = random_inputs(model.config)
+    tokens, masked = decoder_inputs(model)
+    words = torch.tensor([[3, 1, 4], [1, 5, 9]])
+    padded = torch.cat([words, torch.zeros(2, 2, dtype=torch.long)], 1)
+    keep = torch.tensor([[True] * 3 + [False] * 2] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, masked, lr, padded, keep), model(tokens, masked, lr, words))
+        assert not torch.allclose(model(tokens, masked, lr, words), model(tokens, masked, lr, None))
+    loss, _ = model.loss(hr, lr, words, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert model.text_words.weight.grad.abs().sum() > 0
+    assert model.generate(lr, padded, keep, steps=2).shape == hr.shape
+    with pytest.raises(ValueError, match=r"word ids must lie in \[0, 32\)"):
+        model.loss(hr, lr, words + 32)
+    with pytest.raises(TypeError, match="expected float embeddings, got torch.int64"):
+        debug_model(text_vocab=0).loss(hr, lr, words)
+
+
 def test_masked_positions_ignore_their_placeholder_tokens():
     model = debug_model()
     _, lr, text = random_inputs(model.config)
@@ -317,7 +337,7 @@ def test_bad_inputs_name_the_input():
         model.loss(hr.float(), lr)
     with pytest.raises(ValueError, match=r"hr_codes: values must lie in \[0, 2\^8\)"):
         model.loss(hr + 256, lr)
-    with pytest.raises(ValueError, match="text: expected shape"):
+    with pytest.raises(ValueError, match="text: expected embeddings"):
         model.loss(hr, lr, text[..., :5])
     with pytest.raises(ValueError, match="lr_codes: batch"):
         model.loss(hr, lr[:1])

@@ -164,7 +164,8 @@ def clips_table(batch: Mapping[str, Any]) -> pa.Table:
     """Decoded-and-tokenized clip rows (numpy columns as the tokenize job's stages produce them) -> SCHEMA.
 
     Token columns are 2-D arrays `<name>_tokens` (rows, n) and `<name>_shape` (rows, k); optional outputs that are
-    absent become null columns, and audio tokens are null where `has_audio` is false.
+    absent become null columns, and audio tokens are null where `has_audio` is false. Empty or missing text
+    (caption, split, extras) becomes null.
     """
     rows = len(batch["clip_id"])
     has_audio = np.asarray(batch["has_audio"], bool)
@@ -183,8 +184,7 @@ def clips_table(batch: Mapping[str, Any]) -> pa.Table:
         elif name in ("source_fps", "source_width", "source_height", "source_duration"):
             columns[name] = _nullable(batch[name], field.type)
         elif name in ("caption", "split", "extras"):
-            columns[name] = pa.array([None if v is None else str(v) for v in batch.get(name, [None] * rows)],
-                                     pa.string())
+            columns[name] = pa.array([str(v) if v else None for v in batch.get(name, [None] * rows)], pa.string())
         else:
             columns[name] = pa.array(np.asarray(batch[name]).tolist(), field.type)
     return pa.Table.from_pydict(columns, schema=SCHEMA)

@@ -9,12 +9,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +319,21 @@ def end_session(proc, grace_s=20.0):
     proc.wait()
 
 
+def wait_for_http(url, timeout_s):
+    """Wait until a server answers at `url`, with any status (the dashboard answers 401 without the token)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def free_ports(n):
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
@@ -426,7 +444,8 @@ def test_ray_job_submit_on_a_local_head(corpus, tokenizers, tmp_path):
                       f"--video-tokenizer {tokenizers / 'video'} --config debug")
         submit = [str(bindir / "ray"), "job", "submit", "--address", address, "--working-dir", str(work), "--",
                   *entrypoint.split()]
-        for _ in range(60):  # the dashboard's job agent comes up a little after the head
+        wait_for_http(f"{address}/api/version", timeout_s=120)
+        for _ in range(60):  # the job agent registers a little after the dashboard answers
             result = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=300)
             if "No available agent" not in result.stdout + result.stderr:
                 break
@@ -437,4 +456,5 @@ def test_ray_job_submit_on_a_local_head(corpus, tokenizers, tmp_path):
         assert shards.clips == 2 and shards.meta.shard["inputs"] == 2
     finally:
         head.send_signal(signal.SIGTERM)
-        end_session(head)
+        end_session(head, grace_s=5.0)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -82,6 +82,9 @@ class Decode:
     of `transforms` (batch -> batch) in order, on the same worker."""
 
     CARRIED = ("shard", "split", "extras")
+    # Ray Data turns a column that is null in every row of a block into float NaN when the block goes through
+    # numpy, which then clashes with blocks holding text; so missing text travels as "".
+    TEXT = ("caption", "split", "extras", "error_kind", "error_message")
 
     def __init__(self, media: MediaConfig, transforms: Sequence[Callable[[dict], dict]] = ()):
         self.decode = DecodeClips(media)
@@ -94,6 +97,8 @@ class Decode:
         for name in self.CARRIED:
             out[name] = np.asarray(batch[name])[rows] if len(rows) else np.asarray(batch[name])[:0]
         out["input_rows"] = np.bincount(rows, minlength=len(batch["id"]))[rows] if len(rows) else rows
+        for name in self.TEXT:
+            out[name] = np.array(["" if v is None else str(v) for v in out[name]], dtype=object)
         for transform in self.transforms:
             out = transform(out)
         return out

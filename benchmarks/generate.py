@@ -1,0 +1,104 @@
+"""Generation speed: KV-cached against uncached sampling of one 1,280-token video.
+
+The paper's text-to-video layout: a 17x128x128 clip is a (5, 16, 16) latent, 1,280 video tokens, sampled with
+`<eov_o>` and `<eos>` (1,282 tokens) after a prompt of 8 words (64 text-embedding positions when the flavor has no
+word range). The model has random weights (speed does not depend on them) and samples greedily, so both paths must
+give the same tokens (`identical`). Cached: `pipeline.sampling.generate`, one bidirectional prefill and one cached
+forward per token, best of `--rounds`. Uncached: `generate_uncached`, the whole sequence recomputed per token, run
+once (it is the slow one). `ratio` = uncached time / cached time = the cached tokens/s over the uncached tokens/s.
+
+On the CPU torch runs on `--threads` threads, 1 unless set: on a shared, oversubscribed CPU the OpenMP barriers of
+multi-threaded kernels wait on descheduled threads, and small decode steps get 10-100x slower at random.
+
+    python benchmarks/generate.py [--flavor demo] [--device cpu] [--dtype float32] [--batch 1] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from pipeline.config import load_config
+from pipeline.llm import LLMConfig, VideoPoetLM
+from pipeline.sampling import generate, generate_uncached
+from pipeline.sequence import Layout, Task, build_prompt
+
+LATENT = (5, 16, 16)  # 17 frames of 128x128 through MAGVIT-v2
+WORDS = 8
+
+
+def text_to_video(cfg: LLMConfig, batch: int, device: torch.device) -> tuple[Layout, np.ndarray, torch.Tensor | None]:
+    """The layout, a prompt batch (B, P) and the text embeddings it needs (None with word tokens)."""
+    if cfg.vocab.text_size:
+        layout = Layout(Task.TEXT_TO_VIDEO, cfg.vocab, LATENT, text_tokens=WORDS)
+        prompt = build_prompt(layout, text=np.arange(WORDS) % cfg.vocab.text_size)
+        return layout, np.stack([prompt] * batch), None
+    layout = Layout(Task.TEXT_TO_VIDEO, cfg.vocab, LATENT, text_embeddings=64)
+    embeddings = torch.randn(batch, 64, cfg.text_width, generator=torch.Generator().manual_seed(0))
+    return layout, np.stack([build_prompt(layout)] * batch), embeddings.to(device)
+
+
+def timed(fn) -> tuple[float, np.ndarray]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - began, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--flavor", default="demo", help="LLM flavor or config TOML (default: demo)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="cached runs; the best counts")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("TORCH_THREADS", "1")),
+                        help="CPU threads for torch (default 1, or $TORCH_THREADS)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = load_config(LLMConfig, args.flavor, args.set, kind="llm")
+    torch.manual_seed(0)
+    model = VideoPoetLM(cfg).to(device=device, dtype=getattr(torch, args.dtype)).eval()
+    layout, prompts, embeddings = text_to_video(cfg, args.batch, device)
+    tokens = layout.length - layout.prefix_length
+
+    def run(sampler):
+        return sampler(model, layout, prompts, text_embeddings=embeddings, temperature=0)
+
+    run(generate)  # warm-up
+    cached_s, cached = min((timed(lambda: run(generate)) for _ in range(args.rounds)), key=lambda r: r[0])
+    uncached_s, uncached = timed(lambda: run(generate_uncached))
+    result = {
+        "benchmark": "generate", "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": args.threads, "flavor": args.flavor, "overrides": args.set, "dtype": args.dtype,
+        "params": model.num_params(), "batch": args.batch, "prompt_tokens": layout.prefix_length,
+        "sampled_tokens": tokens, "cached_s": round(cached_s, 3), "uncached_s": round(uncached_s, 3),
+        "cached_tokens_per_s": round(args.batch * tokens / cached_s, 1),
+        "uncached_tokens_per_s": round(args.batch * tokens / uncached_s, 2),
+        "identical": bool((cached == uncached).all()), "ratio": round(uncached_s / cached_s, 2),
+    }
+    print(f"{args.flavor} ({result['params'] / 1e6:.1f}M parameters, {result['device']}, {args.dtype}, "
+          f"{args.threads} threads): {tokens} tokens x {args.batch} after a {layout.prefix_length}-token prompt; "
+          f"cached {cached_s:.2f} s ({result['cached_tokens_per_s']} tokens/s), uncached {uncached_s:.1f} s "
+          f"({result['uncached_tokens_per_s']} tokens/s): {result['ratio']}x, identical tokens: {result['identical']}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -79,6 +79,8 @@ SCHEMA = pa.schema([
     pa.field("source_duration", pa.float64()),
     *_token_fields("hr_video", TOKEN_TYPES["hr_video"], True),  # the same clip at 2x, for super-resolution
     *_token_fields("structure", TOKEN_TYPES["structure"], True),  # flow + luminance video, for stylization
+    pa.field("text_embeddings", pa.list_(pa.float16())),  # (positions, width) of a frozen text encoder
+    pa.field("text_shape", pa.list_(pa.int32())),
 ])
 
 ERRORS_SCHEMA = pa.schema([
@@ -155,6 +157,15 @@ def _list_array(values: np.ndarray, dtype: pa.DataType, valid: np.ndarray | None
     return pa.ListArray.from_arrays(offsets, flat, type=pa.list_(dtype), mask=mask)
 
 
+def _ragged_array(values: np.ndarray, lengths: np.ndarray, dtype: pa.DataType) -> pa.ListArray:
+    """The first `lengths[i]` entries of each row of a zero-padded 2-D array; rows of length 0 become nulls."""
+    lengths = np.asarray(lengths, np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), pa.int32())
+    flat = np.concatenate([row[:n] for row, n in zip(values, lengths)]) if len(values) else values.reshape(-1)
+    return pa.ListArray.from_arrays(offsets, pa.array(flat, dtype), type=pa.list_(dtype),
+                                    mask=pa.array(lengths == 0))
+
+
 def _nullable(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
     values = np.asarray(values, np.float64)
     return pa.array(values, pa.float64(), mask=np.isnan(values)).cast(dtype, safe=False)
@@ -164,15 +175,25 @@ def clips_table(batch: Mapping[str, Any]) -> pa.Table:
     """Decoded-and-tokenized clip rows (numpy columns as the tokenize job's stages produce them) -> SCHEMA.
 
     Token columns are 2-D arrays `<name>_tokens` (rows, n) and `<name>_shape` (rows, k); optional outputs that are
-    absent become null columns, and audio tokens are null where `has_audio` is false. Empty or missing text
-    (caption, split, extras) becomes null.
+    absent become null columns, and audio tokens are null where `has_audio` is false. Text embeddings come
+    zero-padded, `text_embeddings` (rows, max positions * width), with `text_shape` (rows, 2) giving each row's
+    (positions, width); rows without text (0 positions) get nulls. Empty or missing text (caption, split, extras)
+    becomes null.
     """
     rows = len(batch["clip_id"])
     has_audio = np.asarray(batch["has_audio"], bool)
     columns: dict[str, pa.Array] = {}
+    if "text_embeddings" in batch:
+        shapes = np.asarray(batch["text_shape"], np.int64).reshape(rows, 2)
+        columns["text_embeddings"] = _ragged_array(batch["text_embeddings"], shapes.prod(1), pa.float16())
+        columns["text_shape"] = _list_array(shapes, pa.int32(), shapes[:, 0] > 0)
     for field in SCHEMA:
         name = field.name
-        if name.endswith(("_tokens", "_shape")):
+        if name in columns:
+            continue
+        if name.startswith("text_"):
+            columns[name] = pa.nulls(rows, field.type)
+        elif name.endswith(("_tokens", "_shape")):
             prefix = name.rsplit("_", 1)[0]
             if name not in batch:
                 if not field.nullable:

@@ -64,6 +64,20 @@ def test_clips_table_schema_and_values():
     assert rows[1]["caption"] is None and rows[1]["source_fps"] is None and rows[1]["source_width"] is None
     assert rows[0]["source_width"] == 640 and rows[0]["source_duration"] == 9.6
     assert all(row["hr_video_tokens"] is None and row["structure_tokens"] is None for row in rows)
+    assert all(row["text_embeddings"] is None and row["text_shape"] is None for row in rows)
+
+
+def test_clips_table_text_embeddings_are_ragged():
+    b = batch()
+    rng = np.random.default_rng(1)
+    b["text_embeddings"] = rng.normal(size=(3, 4 * 16)).astype(np.float16)  # up to 4 positions of width 16
+    b["text_shape"] = np.array([[3, 16], [0, 16], [4, 16]], np.int32)
+    rows = clips_table(b).to_pylist()
+    assert [r["text_shape"] for r in rows] == [[3, 16], None, [4, 16]]
+    assert rows[1]["text_embeddings"] is None
+    for i in (0, 2):
+        n = b["text_shape"][i].prod()
+        np.testing.assert_array_equal(np.array(rows[i]["text_embeddings"], np.float16), b["text_embeddings"][i][:n])
 
 
 def test_clips_table_requires_video_tokens():

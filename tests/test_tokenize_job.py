@@ -36,6 +36,7 @@ from pipeline.quantizers import RVQConfig
 from pipeline.shards import SCHEMA, ShardError, open_shards, shard_files
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.synth import SynthConfig, write_corpus
+from pipeline.text import ENCODER_FILE, WORDS_FILE, FrozenTextEncoder, WordVocabulary
 from tokenize_jobs import shards_cli
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob, main
 from tokenize_jobs.stages import structure_video
@@ -57,6 +58,31 @@ def tokenizers(tmp_path_factory):
         save_checkpoint(root / name, MagvitModel(video), video)
     audio = SoundStreamConfig(channels=4, latent_dim=8, quantizer=RVQConfig(levels=4, codebook_size=64))
     save_checkpoint(root / "audio", SoundStreamModel(audio), audio)
+    return root
+
+
+class TinyTextEncoder(torch.nn.Module):
+    """A random stand-in for a T5 encoder, exported like one (pipeline.text.FrozenTextEncoder's format)."""
+
+    def __init__(self, words: int, width: int = 8):
+        super().__init__()
+        self.embed = torch.nn.Embedding(words, width)
+        self.mix = torch.nn.Linear(width, width)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.embed(ids)) * mask[..., None]
+
+
+@pytest.fixture(scope="module")
+def text_encoder(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("text_encoder")
+    words = WordVocabulary.build(read_manifest(corpus).column("caption").to_pylist())
+    torch.manual_seed(0)
+    ids, mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    dims = {0: torch.export.Dim("batch", max=1024), 1: torch.export.Dim("n", max=64)}
+    program = torch.export.export(TinyTextEncoder(words.size).eval(), (ids, mask), dynamic_shapes=(dims, dims))
+    torch.export.save(program, root / ENCODER_FILE)
+    words.save(root / WORDS_FILE)
     return root
 
 
@@ -180,14 +206,17 @@ def test_shards_info(tokenized, capsys):
     assert shards_cli.main(["info", str(tokenized / "missing")]) == 2
 
 
-def test_new_tokenizer_writes_a_new_fingerprint_with_optional_outputs(ray_local, corpus, tokenizers, tmp_path):
+def test_new_tokenizer_writes_a_new_fingerprint_with_optional_outputs(ray_local, corpus, tokenizers, text_encoder,
+                                                                     tmp_path, capsys):
     manifest = subset(corpus, 2, tmp_path / "two.jsonl")
     out = tmp_path / "out"
-    assert main(job_args(manifest, out, tokenizers, "--hr", "--structure", audio=False)) == 0
+    options = ("--hr", "--structure", "--text-encoder", str(text_encoder))
+    assert main(job_args(manifest, out, tokenizers, *options, audio=False)) == 0
     first = only_fingerprint(out)
     before = digest(first)
     rows = open_shards(str(first)).to_table().to_pylist()
     video = load_checkpoint(tokenizers / "video")
+    encoder = FrozenTextEncoder.load(text_encoder)
     hr_media = dataclasses.replace(CFG.media, height=64, width=64)
     for item in read_manifest(manifest).to_pylist():
         hr = np.stack([c.frames for c in decode(item["path"], hr_media).clips])
@@ -202,8 +231,12 @@ def test_new_tokenizer_writes_a_new_fingerprint_with_optional_outputs(ray_local,
             for name, codes in expected.items():
                 np.testing.assert_array_equal(np.reshape(row[f"{name}_tokens"], row[f"{name}_shape"]),
                                               codes[row["clip_index"]].numpy())
+            (embeddings,) = encoder.condition([item["caption"]])
+            assert row["text_shape"] == [len(embeddings.embeddings), encoder.width]
+            np.testing.assert_array_equal(np.array(row["text_embeddings"], np.float16).reshape(row["text_shape"]),
+                                          embeddings.embeddings.numpy().astype(np.float16))
 
-    args = job_args(manifest, out, tokenizers, "--hr", "--structure", audio=False)
+    args = job_args(manifest, out, tokenizers, *options, audio=False)
     args[args.index("--video-tokenizer") + 1] = str(tokenizers / "video2")
     assert main(args) == 0
     second = next(p for p in out.iterdir() if p.name not in ("_jobs", first.name))
@@ -214,6 +247,10 @@ def test_new_tokenizer_writes_a_new_fingerprint_with_optional_outputs(ray_local,
         open_shards(str(out))
     with pytest.raises(ShardError, match="refusing to mix tokenizer fingerprints"):
         open_shards([str(first), str(second)])
+    assert shards_cli.main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("text embeddings: 4 clips, width 8") == 2 and "hr_video tokens: 4 clips (5x8x8 x4)" in text
+    assert first.name in text and second.name in text
 
 
 def test_bad_arguments_are_named(tokenizers, corpus, tmp_path, capsys):

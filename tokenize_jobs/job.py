@@ -3,9 +3,9 @@
     videopoet tokenize --manifest M --out OUT --video-tokenizer CKPT [--audio-tokenizer CKPT] [--config demo]
 
 Streaming pipeline: manifest rows -> decode (CPU actors, `pipeline.media` through ffmpeg) -> [2x split, structure
-video] -> video tokenizer actors -> [audio tokenizer actors] -> the driver, which assembles shards and writes each
-one as soon as all its inputs are through. Tokenizer actors take one GPU each (bf16) when the cluster has GPUs, CPUs
-otherwise. Nothing is materialized whole: Ray Data backpressures the stages and the driver holds only the shards
+video] -> video tokenizer actors -> [audio tokenizer actors] -> [text encoder actors] -> the driver, which assembles
+shards and writes each one as soon as all its inputs are through. Tokenizer actors run on GPUs (bf16; video actors
+take most of a GPU each, audio and text actors a share) when the cluster has them, on CPUs otherwise. Nothing is materialized whole: Ray Data backpressures the stages and the driver holds only the shards
 still open, which are those whose inputs are in flight.
 
 Exactly once: the manifest is sorted by id and shard k holds inputs [k * n, (k + 1) * n); finished shards are
@@ -42,12 +42,12 @@ from pipeline.media import MediaConfig
 from pipeline.shards import (JOBS_DIR, ShardError, ShardMeta, clips_table, errors_table, fingerprint_of,
                              read_json, record_name, remove_temporaries, shard_name, write_json, write_table)
 from pipeline.tracking import TrackingConfig, start_run
-from tokenize_jobs.stages import (AudioTokenizer, Decode, VideoTokenizer, add_structure, checkpoint_metadata,
-                                  downscale_2x)
+from tokenize_jobs.stages import (AudioTokenizer, Decode, TextEncoder, VideoTokenizer, add_structure,
+                                  checkpoint_metadata, downscale_2x, text_encoder_metadata)
 
 MANIFEST_COLUMNS = ("id", "path", "source", "caption", "split")
 MAX_INPUT_BLOCKS = 4096  # manifest rows go to Ray in at most this many blocks, whatever the corpus size
-AUDIO_GPU_SHARE = 0.25  # with GPUs, audio actors share a GPU with video actors (SoundStream is far smaller)
+SIDE_GPU_SHARE = 0.25  # with GPUs, audio and text actors share a GPU with video actors (their models are smaller)
 
 
 class TokenizeError(ValueError):
@@ -99,6 +99,13 @@ def _tokenizer(location: str, kind: str, role: str) -> dict[str, Any]:
     if meta.get("kind") != kind:
         raise TokenizeError(f"--{role}-tokenizer {location}: a {meta.get('kind')!r} checkpoint, expected {kind!r}")
     return {"fingerprint": meta["fingerprint"], "kind": kind, "config": meta["config"], "location": location}
+
+
+def _text_encoder(location: str) -> dict[str, Any]:
+    try:
+        return {**text_encoder_metadata(location), "location": location}
+    except (FileNotFoundError, OSError) as e:
+        raise TokenizeError(f"--text-encoder {location}: {e}") from None
 
 
 def _config(tokenizer: dict[str, Any]) -> Any:
@@ -168,12 +175,13 @@ class TokenizeJob:
     """One tokenization of one manifest into OUT/<fingerprint>; `run()` is idempotent and resumes."""
 
     def __init__(self, cfg: TokenizeConfig, manifest: str, out: str, video_tokenizer: str,
-                 audio_tokenizer: Optional[str] = None):
+                 audio_tokenizer: Optional[str] = None, text_encoder: Optional[str] = None):
         self.cfg = cfg
         self.manifest = str(manifest)
         self.out = str(out)
         self.tokenizers = {"video": _tokenizer(video_tokenizer, "magvit", "video"),
-                           "audio": _tokenizer(audio_tokenizer, "soundstream", "audio") if audio_tokenizer else None}
+                           "audio": _tokenizer(audio_tokenizer, "soundstream", "audio") if audio_tokenizer else None,
+                           "text": _text_encoder(text_encoder) if text_encoder else None}
         self._check_tokenizers()
         media = {k: v for k, v in to_dict(cfg.media).items() if k != "timeout_s"}  # timeouts do not change tokens
         self.settings = {"media": media, "hr": cfg.hr, "structure": cfg.structure}
@@ -296,17 +304,23 @@ class TokenizeJob:
                             batch_format="numpy", num_cpus=cfg.decode_cpus,
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.decode_actors))
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        audio = self.tokenizers["audio"]
-        video_resources = ({"num_gpus": 1 - AUDIO_GPU_SHARE if audio else 1} if gpus
-                           else {"num_cpus": cfg.tokenizer_cpus})
+        audio, text = self.tokenizers["audio"], self.tokenizers["text"]
+        cpu = {"num_cpus": cfg.tokenizer_cpus}
+        video_share = 1 - SIDE_GPU_SHARE * ((audio is not None) + (text is not None))
         actors = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus or cfg.tokenizer_actors)
         ds = ds.map_batches(VideoTokenizer, fn_constructor_args=(self.tokenizers["video"]["location"], columns),
-                            batch_size=cfg.batch_size, batch_format="numpy", compute=actors, **video_resources)
+                            batch_size=cfg.batch_size, batch_format="numpy", compute=actors,
+                            **({"num_gpus": video_share} if gpus else cpu))
+        side = {"num_gpus": SIDE_GPU_SHARE} if gpus else cpu
         if audio is None:
-            return ds.drop_columns(["audio"])
-        audio_resources = {"num_gpus": AUDIO_GPU_SHARE} if gpus else {"num_cpus": cfg.tokenizer_cpus}
-        return ds.map_batches(AudioTokenizer, fn_constructor_args=(audio["location"],), batch_size=cfg.batch_size,
-                              batch_format="numpy", compute=actors, **audio_resources)
+            ds = ds.drop_columns(["audio"])
+        else:
+            ds = ds.map_batches(AudioTokenizer, fn_constructor_args=(audio["location"],), batch_size=cfg.batch_size,
+                                batch_format="numpy", compute=actors, **side)
+        if text is not None:
+            ds = ds.map_batches(TextEncoder, fn_constructor_args=(text["location"],), batch_size=cfg.batch_size,
+                                batch_format="numpy", compute=actors, **side)
+        return ds
 
     def process(self, pending: pa.Table) -> list[tuple[int, int]]:
         """Tokenize the pending inputs and write their shards; returns (shard, clips) per shard written."""
@@ -411,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config field, e.g. --set media.max_clips=4 or --set batch_size=16")
     parser.add_argument("--inputs-per-shard", type=int, help="inputs per shard (inputs_per_shard)")
     parser.add_argument("--max-error-fraction", type=float, help="fail the job above this share of failed inputs")
+    parser.add_argument("--text-encoder", help="frozen text encoder folder (pipeline.text): also write caption "
+                                               "embeddings")
     parser.add_argument("--hr", action="store_true", help="also write 2x video tokens, for super-resolution")
     parser.add_argument("--structure", action="store_true", help="also write structure-video tokens, for stylization")
     parser.add_argument("--tracking-uri", help="log the summary to this MLflow tracking URI")
@@ -432,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"videopoet tokenize: {e}", file=sys.stderr)
         return 2
     try:
-        job = TokenizeJob(cfg, args.manifest, args.out, args.video_tokenizer, args.audio_tokenizer)
+        job = TokenizeJob(cfg, args.manifest, args.out, args.video_tokenizer, args.audio_tokenizer,
+                          args.text_encoder)
         summary = job.run()
         if cfg.tracking.enabled:
             _track(cfg, args.out, summary, args.parent_run_id)

@@ -36,6 +36,13 @@ def codebook_size(tokenizer: dict[str, Any]) -> int:
     return 2 ** quantizer.bits if tokenizer["kind"] == "magvit" else quantizer.codebook_size
 
 
+def describe(role: str, tokenizer: dict[str, Any]) -> dict[str, Any]:
+    described = {"kind": tokenizer["kind"], "fingerprint": tokenizer["fingerprint"]}
+    if role != "text":
+        described["codebook_size"] = codebook_size(tokenizer)
+    return described
+
+
 class TokenStats:
     """Code counts of one token column, accumulated file by file so memory stays at one codebook of counts."""
 
@@ -81,9 +88,7 @@ def tokenization_info(location: str, fs: pa_fs.FileSystem, root: str, fingerprin
         info.update(schema_version=shards.meta.schema_version, files=len(files), clips=shards.clips)
         info["tokens"] = token_stats(fs, files, tokenizers)
     if tokenizers:
-        info["tokenizers"] = {role: {"kind": t["kind"], "fingerprint": t["fingerprint"],
-                                     "codebook_size": codebook_size(t)} if t else None
-                              for role, t in tokenizers.items()}
+        info["tokenizers"] = {role: describe(role, t) for role, t in tokenizers.items() if t}
     errors_path = posixpath.join(job_dir, "errors.parquet")
     if fs.get_file_info(errors_path).type == pa_fs.FileType.File:
         errors = pq.read_table(errors_path, filesystem=fs, schema=ERRORS_SCHEMA).to_pylist()
@@ -98,12 +103,19 @@ def tokenization_info(location: str, fs: pa_fs.FileSystem, root: str, fingerprin
 def token_stats(fs: pa_fs.FileSystem, files: list[str], tokenizers: dict[str, Any]) -> dict[str, Any]:
     stats = {name: TokenStats(codebook_size(tokenizers[role])) for name, role in TOKEN_ROLES.items()
              if tokenizers.get(role)}
+    text_shapes: collections.Counter[tuple[int, ...]] = collections.Counter()
     for path in files:
-        columns = [c for name in stats for c in (f"{name}_tokens", f"{name}_shape")]
+        columns = [c for name in stats for c in (f"{name}_tokens", f"{name}_shape")] + ["text_shape"]
         table = pq.read_table(path, filesystem=fs, columns=columns)
         for name, s in stats.items():
             s.add(table.column(f"{name}_tokens").combine_chunks(), table.column(f"{name}_shape").combine_chunks())
-    return {name: s.summary() for name, s in stats.items() if s.clips}
+        text_shapes.update(tuple(shape) for shape in table.column("text_shape").to_pylist() if shape)
+    report: dict[str, Any] = {name: s.summary() for name, s in stats.items() if s.clips}
+    if text_shapes:
+        report["text"] = {"clips": sum(text_shapes.values()), "width": next(iter(text_shapes))[1],
+                          "mean_positions": round(sum(s[0] * n for s, n in text_shapes.items())
+                                                  / sum(text_shapes.values()), 2)}
+    return report
 
 
 def info(location: str) -> list[dict[str, Any]]:
@@ -123,20 +135,26 @@ def info(location: str) -> list[dict[str, Any]]:
 def format_info(report: dict[str, Any]) -> str:
     lines = [f"{report['folder']}  status {report['status']}, schema v{report.get('schema_version', '?')}"]
     tokenizers = report.get("tokenizers") or {}
-    for role in ("video", "audio"):
+    for role in ("video", "audio", "text"):
         if t := tokenizers.get(role):
-            lines.append(f"  {role} tokenizer: {t['kind']}, fingerprint {t['fingerprint']}, "
-                         f"codebook {t['codebook_size']}")
+            codebook = f", codebook {t['codebook_size']}" if "codebook_size" in t else ""
+            lines.append(f"  {role} {'encoder' if role == 'text' else 'tokenizer'}: {t['kind']}, "
+                         f"fingerprint {t['fingerprint']}{codebook}")
     if "inputs" in report:
         lines.append(f"  inputs: {report['inputs']} ({report['inputs_ok']} ok, {report['inputs_failed']} failed, "
                      f"{report['inputs_partial']} of them kept clips; error fraction {report['error_fraction']:.1%})")
     lines.append(f"  shards: {report.get('shards', '?')} ({report.get('files', 0)} files with clips), "
                  f"clips: {report.get('clips', 0)}")
-    for name, s in report.get("tokens", {}).items():
+    tokens = dict(report.get("tokens", {}))
+    text = tokens.pop("text", None)
+    for name, s in tokens.items():
         shapes = ", ".join(f"{shape} x{n}" for shape, n in s["shapes"].items())
         lines.append(f"  {name} tokens: {s['clips']} clips ({shapes}), {s['tokens']} tokens, codes used "
                      f"{s['codes_used']}/{s['codebook_size']} ({s['used_fraction']:.1%}), perplexity "
                      f"{s['perplexity']:.1f}")
+    if text:
+        lines.append(f"  text embeddings: {text['clips']} clips, width {text['width']}, "
+                     f"{text['mean_positions']:.1f} positions on average")
     errors = report.get("errors")
     if errors:
         kinds = ", ".join(f"{k} {n}" for k, n in errors["by_kind"].items()) or "none"

@@ -5,6 +5,7 @@
       add_structure  frames -> the structure video (optical flow x, y and luminance as 3 channels)
     VideoTokenizer   frame columns -> `<name>_tokens` (rows, t*h*w) int32 and `<name>_shape` (rows, 3)
     AudioTokenizer   audio -> `audio_tokens` (rows, levels*frames) int16, level-major, and `audio_shape`
+    TextEncoder      caption -> `text_embeddings` (rows, positions*width) float16, zero-padded, and `text_shape`
 
 Tokenizer stages load their checkpoint once per actor, run on the GPU in bf16 when the actor has one (fp32 on
 CPU), tokenize only the rows that decoded (`ok`), and pass every other column through. This module imports no Ray.
@@ -13,6 +14,7 @@ CPU), tokenize only the rows that decoded (`ok`), and pass every other column th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import posixpath
 import tempfile
@@ -28,10 +30,13 @@ from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, read
 from pipeline.magvit import video_to_tensor
 from pipeline.manifest import is_uri, resolve_filesystem
 from pipeline.media import MediaConfig
+from pipeline.sequence import MAX_TEXT_EMBEDDINGS
+from pipeline.text import ENCODER_FILE, WORDS_FILE, FrozenTextEncoder
 from tokenize_jobs.decode import DecodeClips
 
 FLOW_RANGE = 0.1  # flow of this fraction of the frame width per frame maps to the ends of the uint8 range
 LUMA = (0.299, 0.587, 0.114)
+TEXT_ENCODER_FILES = (ENCODER_FILE, WORDS_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -48,15 +53,30 @@ def checkpoint_metadata(location: str) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {location}: no {CONFIG_FILE}") from None
 
 
+def text_encoder_metadata(location: str) -> dict[str, Any]:
+    """What shards record about a frozen text encoder folder: a fingerprint of its files (it has no config)."""
+    fs, path = resolve_filesystem(location)
+    digest = hashlib.sha256()
+    for name in TEXT_ENCODER_FILES:
+        try:
+            with fs.open_input_stream(posixpath.join(path, name)) as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"text encoder {location}: no {name}") from None
+    return {"fingerprint": digest.hexdigest()[:16], "kind": "frozen_text_encoder",
+            "config": {"max_positions": MAX_TEXT_EMBEDDINGS}}
+
+
 @contextlib.contextmanager
-def local_checkpoint(location: str) -> Iterator[str]:
-    """A local folder holding the checkpoint: the folder itself, or a temporary copy of a URI's files."""
+def local_copy(location: str, names: Sequence[str] = (CONFIG_FILE, WEIGHTS_FILE)) -> Iterator[str]:
+    """A local folder holding `names` of a model folder: the folder itself, or a temporary copy of a URI's files."""
     if not is_uri(location):
         yield location
         return
     fs, path = resolve_filesystem(location)
-    with tempfile.TemporaryDirectory(prefix="videopoet-ckpt-") as tmp:
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
+    with tempfile.TemporaryDirectory(prefix="videopoet-model-") as tmp:
+        for name in names:
             with fs.open_input_stream(posixpath.join(path, name)) as src, open(Path(tmp) / name, "wb") as dst:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
@@ -178,7 +198,7 @@ class VideoTokenizer:
 
     def __init__(self, checkpoint: str, columns: Sequence[tuple[str, str]] = (("frames", "video"),)):
         self.device = _device()
-        with local_checkpoint(checkpoint) as folder:
+        with local_copy(checkpoint) as folder:
             self.model = load_checkpoint(folder, self.device)
         self.columns = tuple(columns)
 
@@ -205,7 +225,7 @@ class AudioTokenizer:
 
     def __init__(self, checkpoint: str):
         self.device = _device()
-        with local_checkpoint(checkpoint) as folder:
+        with local_copy(checkpoint) as folder:
             self.model = load_checkpoint(folder, self.device)
 
     @torch.no_grad()
@@ -223,4 +243,29 @@ class AudioTokenizer:
             tokens[rows] = self.encode(np.ascontiguousarray(audio[rows], np.float32))
         batch["audio_tokens"] = tokens
         batch["audio_shape"] = np.tile(np.array(shape, np.int32), (len(audio), 1))
+        return batch
+
+
+class TextEncoder:
+    """Embeds each row's caption with a frozen text encoder (`pipeline.text.FrozenTextEncoder`), once per distinct
+    caption of a batch (the clips of one input share theirs). Rows without a caption get 0 positions."""
+
+    def __init__(self, directory: str):
+        with local_copy(directory, TEXT_ENCODER_FILES) as folder:
+            self.encoder = FrozenTextEncoder.load(folder)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        captions = [str(c) for c in batch["caption"]]
+        width, positions = self.encoder.width, self.encoder.max_positions
+        distinct = sorted({c for c in captions if c})
+        embedded = {c: cond.embeddings for c, cond in zip(distinct, self.encoder.condition(distinct))}
+        out = np.zeros((len(captions), positions * width), np.float16)
+        shape = np.zeros((len(captions), 2), np.int32)
+        shape[:, 1] = width
+        for i, caption in enumerate(captions):
+            vectors = embedded.get(caption)
+            if vectors is not None:
+                out[i, : vectors.numel()] = vectors.reshape(-1).numpy()
+                shape[i, 0] = len(vectors)
+        batch["text_embeddings"], batch["text_shape"] = out, shape
         return batch

@@ -33,6 +33,8 @@ FINGERPRINT_CHARS = 16
 MODEL_KINDS: dict[str, tuple[str, str]] = {
     "magvit": ("pipeline.magvit:MagvitConfig", "pipeline.magvit:MagvitModel"),
     "soundstream": ("pipeline.soundstream:SoundStreamConfig", "pipeline.soundstream:SoundStreamModel"),
+    "llm": ("pipeline.llm:LLMConfig", "pipeline.llm:VideoPoetLM"),
+    "superres": ("pipeline.superres:SuperResConfig", "pipeline.superres:SuperResTransformer"),
 }
 
 

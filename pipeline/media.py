@@ -35,11 +35,12 @@ import ffmpeg
 import numpy as np
 
 from pipeline.probe import (CorruptMedia, DecodeTimeout, EmptyFile, MediaError, MediaInfo, MissingFile,
-                            NoVideoStream, NotMedia, TooShort, ffmpeg_exe, ffmpeg_url, local_file,
+                            NoAudioStream, NoVideoStream, NotMedia, TooShort, ffmpeg_exe, ffmpeg_url, local_file,
                             parse_ffmpeg_dump, probe, with_duration)
 
 __all__ = [
-    "MediaConfig", "Clip", "DecodeResult", "iter_clips", "decode", "decode_command", "write_video", "probe",
+    "MediaConfig", "Clip", "DecodeResult", "iter_clips", "decode", "decode_audio", "decode_command", "write_video",
+    "probe",
     "MediaInfo", "MediaError", "MissingFile", "EmptyFile", "NotMedia", "NoVideoStream", "CorruptMedia",
     "DecodeTimeout", "TooShort", "ffmpeg_exe",
 ]
@@ -466,6 +467,27 @@ def decode(path: str, cfg: MediaConfig = MediaConfig()) -> DecodeResult:
     except MediaError as e:  # from local_file, or from reading the duration
         return DecodeResult(stream.info if stream else None, clips, error or e)
     return DecodeResult(info, clips, error)
+
+
+def decode_audio(path: str, sample_rate: int = 16000, seconds: Optional[float] = None,
+                 timeout_s: float = 60.0) -> np.ndarray:
+    """The audio track of any file ffmpeg reads (audio-only files included), mono float32 at `sample_rate`."""
+    path = str(path)
+    with local_file(path) as local:
+        if not probe(local, timeout_s).has_audio:
+            raise NoAudioStream(path, "has no audio stream")
+        options = {"format": "f32le", "ac": 1, "ar": sample_rate}
+        if seconds is not None:
+            options["t"] = seconds
+        cmd = ffmpeg.input(ffmpeg_url(local)).audio.output("pipe:", **options).compile(cmd=ffmpeg_exe())
+        try:
+            done = subprocess.run([cmd[0], "-hide_banner", "-nostdin", "-v", "error", *cmd[1:]], capture_output=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise DecodeTimeout(path, f"audio decoding took longer than {timeout_s:g} s") from None
+    if done.returncode != 0:
+        raise CorruptMedia(path, f"audio decoding failed: {done.stderr.decode(errors='replace').strip()}")
+    return np.frombuffer(done.stdout, np.float32).copy()
 
 
 # ---------------------------------------------------------------------------------------------------- writing

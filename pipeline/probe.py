@@ -58,6 +58,10 @@ class NoVideoStream(MediaError):
     kind = "no_video"
 
 
+class NoAudioStream(MediaError):
+    kind = "no_audio"
+
+
 class CorruptMedia(MediaError):
     kind = "corrupt"
 

@@ -384,3 +384,16 @@ def test_s3_uri_is_copied_locally(tmp_path, monkeypatch):
         assert isinstance(decode(f"s3://media/gone.mp4{query}").error, MissingFile)
     finally:
         server.stop()
+
+
+def test_decode_audio_of_audio_only_and_silent_files():
+    from pipeline.media import NoAudioStream, decode_audio
+
+    wav = CORPUS / "example.wav"
+    if not wav.exists():
+        pytest.skip(f"{wav} not present")
+    audio = decode_audio(wav, 16000)
+    assert audio.dtype == np.float32 and abs(len(audio) / 16000 - 2.0) < 0.05 and np.abs(audio).max() > 0.01
+    assert len(decode_audio(CORPUS / "crunching.mp3", 16000, seconds=1.0)) == 16000
+    with pytest.raises(NoAudioStream, match="example.mp4"):
+        decode_audio(CORPUS / "example.mp4")

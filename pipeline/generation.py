@@ -1,0 +1,201 @@
+"""Generation: a trained LLM export with its tokenizers and text conditioner, from prompts and media to clips.
+
+`VideoPoet.load(model_dir)` reads what `videopoet train llm` exported (weights, config, word vocabulary, and the
+record of the tokenizers that wrote its training shards). `generate(task, ...)` tokenizes the conditions, samples
+the output with the KV-cached sampler (logits restricted to each position's valid range, so every sample parses),
+and decodes the codes back to frames and audio. Long videos extend a clip repeatedly, conditioned on its last
+latent frames (`extend`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.checkpoint import load_checkpoint, read_metadata
+from pipeline.config import from_dict
+from pipeline.magvit import tensor_to_video, video_to_tensor
+from pipeline.media import MediaConfig
+from pipeline.sampling import generate as sample
+from pipeline.sequence import TASKS, Layout, Task, build_prompt, central_mask, parse_sequence
+from pipeline.text import WordVocabulary
+
+WORDS_FILE = "words.json"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    guidance: float = 1.0  # classifier-free guidance scale; 1 = off
+    seed: int = 0
+
+
+@dataclass
+class Generated:
+    task: Task
+    ids: np.ndarray  # the whole sequence
+    video_codes: np.ndarray | None  # (t, h, w)
+    audio_codes: np.ndarray | None  # (levels, frames)
+    frames: np.ndarray | None  # uint8 (T, H, W, 3)
+    audio: np.ndarray | None  # float32 (samples,)
+
+
+class VideoPoet:
+    def __init__(self, model, video_tokenizer, audio_tokenizer, words: WordVocabulary, media: MediaConfig):
+        self.model = model
+        self.video_tokenizer = video_tokenizer
+        self.audio_tokenizer = audio_tokenizer
+        self.words = words
+        self.media = media
+        self.vocab = model.config.vocab
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu") -> "VideoPoet":
+        model_dir = Path(model_dir)
+        extra = read_metadata(model_dir)["extra"]
+        tokenizers = extra.get("tokenizers")
+        if not tokenizers:
+            raise ValueError(f"{model_dir}: not an LLM export of `videopoet train llm` (no tokenizer record)")
+        video = load_checkpoint(_local(tokenizers["video"]["location"]), device)
+        audio = load_checkpoint(_local(tokenizers["audio"]["location"]), device) if tokenizers.get("audio") else None
+        media = from_dict(MediaConfig, extra["media"]["media"])
+        return cls(load_checkpoint(model_dir, device), video, audio, WordVocabulary.load(model_dir / WORDS_FILE),
+                   media)
+
+    # ------------------------------------------------------------------------------------------------ tokenizing
+
+    @property
+    def latent_grid(self) -> tuple[int, int, int]:
+        return self.video_tokenizer.latent_shape(self.media.clip_frames, self.media.height, self.media.width)
+
+    @property
+    def audio_grid(self) -> tuple[int, int] | None:
+        return None if self.audio_tokenizer is None else self.audio_tokenizer.latent_shape(self.media.clip_samples)
+
+    @torch.no_grad()
+    def encode_video(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 (T, H, W, 3) -> codes (t, h, w)."""
+        return self.video_tokenizer.encode(video_to_tensor(frames[None]))[0].numpy()
+
+    @torch.no_grad()
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+        if self.audio_tokenizer is None:
+            raise ValueError("this model was trained without an audio tokenizer")
+        return self.audio_tokenizer.encode(torch.from_numpy(np.asarray(audio, np.float32))[None])[0].numpy()
+
+    @torch.no_grad()
+    def decode_video(self, codes: np.ndarray) -> np.ndarray:
+        return tensor_to_video(self.video_tokenizer.decode(torch.from_numpy(codes)[None].long()))[0].numpy()
+
+    @torch.no_grad()
+    def decode_audio(self, codes: np.ndarray) -> np.ndarray:
+        audio = self.audio_tokenizer.decode(torch.from_numpy(codes)[None].long())[0].clamp(-1, 1).numpy()
+        return np.pad(audio, (0, max(0, self.media.clip_samples - len(audio))))
+
+    # ------------------------------------------------------------------------------------------------ sampling
+
+    def generate(self, task: Task | str, *, prompt: str | None = None, frames: np.ndarray | None = None,
+                 audio: np.ndarray | None = None, context_frames: int = 1, mask: str = "center",
+                 sampling: SamplingConfig = SamplingConfig()) -> Generated:
+        """One sample of `task`. frames: the visual condition as a clip (or an image: 1 frame); audio: float32."""
+        task = Task(task)
+        spec = TASKS[task]
+        text = self.words.encode(prompt) if prompt and spec.text != "none" else None
+        if spec.text == "required" and text is None:
+            raise ValueError(f"{task.value}: needs --prompt")
+        needs_audio = spec.audio_in != "none" or spec.audio_out != "none"
+        grid = (1, *self.latent_grid[1:]) if spec.video_out == "image" else self.latent_grid
+        video_codes = self._video_condition(task, frames, grid)
+        audio_codes = self._audio_condition(task, audio) if needs_audio else None
+        kwargs = {}
+        if spec.video_in == "context":
+            kwargs["context_frames"] = context_frames
+            if spec.audio_in == "context":
+                frames_in = 1 + 4 * (context_frames - 1)
+                kwargs["context_audio_frames"] = round(frames_in / self.media.fps * self.audio_tokenizer.frame_rate)
+        layout = Layout(task, self.vocab, grid, self.audio_grid if needs_audio else None,
+                        text_tokens=0 if text is None else len(text), **kwargs)
+        condition_mask = None
+        if spec.video_in == "masked":
+            condition_mask = central_mask(grid)
+            condition_mask = condition_mask if task == Task.INPAINTING else ~condition_mask
+        prompt_ids = build_prompt(layout, text=text, video=self._visual_input(layout, video_codes),
+                                  audio=self._audio_input(layout, audio_codes), mask=condition_mask)
+        cfg = sampling
+        ids = sample(self.model, layout, prompt_ids, guidance=cfg.guidance, temperature=cfg.temperature,
+                     top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)[0]
+        parsed = parse_sequence(ids, layout)
+        video_out = parsed.video if spec.video_out != "none" else None
+        audio_out = parsed.audio if spec.audio_out != "none" else audio_codes
+        return Generated(task, ids, video_out, audio_out,
+                         self.decode_video(video_out if video_out is not None else video_codes),
+                         None if audio_out is None else self.decode_audio(audio_out))
+
+    def extend(self, frames: np.ndarray, times: int, seconds: float = 1.0,
+               sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
+        """A longer video: `times` more clips, each predicted from the last `seconds` of what came before.
+
+        The tokenizer is causal, so the last latent frames of one clip are not the first of the next: the last
+        1 + 4(k - 1) decoded frames are encoded again as the start of a clip, and their k latent frames condition
+        the prediction of the rest.
+        """
+        t = self.latent_grid[0]
+        context = max(1, min(t - 1, 1 + round((seconds * self.media.fps - 1) / 4)))
+        given = 1 + 4 * (context - 1)
+        video = np.asarray(frames)
+        for i in range(times):
+            tail = video[-given:]
+            padded = np.concatenate([tail, np.repeat(tail[-1:], self.media.clip_frames - given, axis=0)])
+            nxt = self._continue(self.encode_video(padded)[:context], context,
+                                 replace(sampling, seed=sampling.seed + i + 1))
+            video = np.concatenate([video, nxt.frames[given:]])
+        return video
+
+    def _continue(self, context_codes: np.ndarray, context: int, sampling: SamplingConfig) -> Generated:
+        """Future prediction of a clip whose first `context` latent frames are `context_codes`."""
+        layout = Layout(Task.FUTURE_PREDICTION, self.vocab, self.latent_grid, context_frames=context)
+        prompt_ids = build_prompt(layout, video=context_codes)
+        ids = sample(self.model, layout, prompt_ids, temperature=sampling.temperature, top_k=sampling.top_k,
+                     top_p=sampling.top_p, seed=sampling.seed)[0]
+        video = parse_sequence(ids, layout).video
+        return Generated(Task.FUTURE_PREDICTION, ids, video, None, self.decode_video(video), None)
+
+    def _video_condition(self, task: Task, frames: np.ndarray | None, grid) -> np.ndarray | None:
+        spec = TASKS[task]
+        if spec.video_in == "none":
+            return None
+        if frames is None:
+            raise ValueError(f"{task.value}: needs a visual condition (--image or --video)")
+        frames = np.asarray(frames)
+        if len(frames) < self.media.clip_frames and spec.video_in != "image":
+            pad = self.media.clip_frames - len(frames)
+            frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
+        return self.encode_video(frames[:1] if spec.video_in == "image" else frames[: self.media.clip_frames])
+
+    def _audio_condition(self, task: Task, audio: np.ndarray | None) -> np.ndarray | None:
+        spec = TASKS[task]
+        if spec.audio_in == "none":
+            return None
+        if audio is None:
+            raise ValueError(f"{task.value}: needs an audio condition (--audio, or a --video with sound)")
+        audio = np.asarray(audio, np.float32)[: self.media.clip_samples]
+        return self.encode_audio(np.pad(audio, (0, self.media.clip_samples - len(audio))))
+
+    @staticmethod
+    def _visual_input(layout: Layout, codes: np.ndarray | None) -> np.ndarray | None:
+        shape = layout.input_video_shape
+        return None if codes is None or shape is None else codes[: shape[0]]
+
+    @staticmethod
+    def _audio_input(layout: Layout, codes: np.ndarray | None) -> np.ndarray | None:
+        shape = layout.input_audio_shape
+        return None if codes is None or shape is None else codes[:, : shape[1]]
+
+
+def _local(location: str) -> str:
+    return location if "://" in location else str(Path(location).expanduser().resolve())

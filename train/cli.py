@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 from functools import partial
 
-from train import tokenizers
+from train import llm, tokenizers
 
 TARGETS = {
     "video-tokenizer": ("train the MAGVIT-v2 video tokenizer", partial(tokenizers.main, modality_name="video")),
     "audio-tokenizer": ("train the SoundStream audio tokenizer", partial(tokenizers.main, modality_name="audio")),
+    "llm": ("train the VideoPoet LLM with DeepSpeed on token shards", llm.main),
 }
 
 

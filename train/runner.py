@@ -20,7 +20,10 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.tracking import attach, start_run
+
 STATE_FILE = "state.json"
+RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -157,3 +160,16 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(tensor)
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, tensor)}
+
+
+def open_run(app: Any, out: Path, name: str, parent):
+    """The run's MLflow run: a child of `parent`, or the run of a previous invocation being resumed, or a new one."""
+    if parent is not None:
+        return parent.child(name, app)
+    record = out / RUN_FILE
+    if record.exists():
+        saved = json.loads(record.read_text())
+        return attach(saved["uri"], saved["run_id"])
+    run = start_run(app.tracking, out, name, params=app)
+    record.write_text(json.dumps({"uri": run.uri, "run_id": run.run_id}) + "\n")
+    return run

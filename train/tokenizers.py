@@ -30,12 +30,9 @@ from pipeline.manifest import read_manifest
 from pipeline.media import MediaConfig
 from pipeline.metrics import codebook_usage, psnr, si_snr, ssim
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
-from pipeline.tracking import NullRun, TrackingConfig, attach, start_run
+from pipeline.tracking import NullRun, TrackingConfig, attach
 from train.runner import (TrainConfig, all_reduce_mean, fit, load_latest_checkpoint, load_optimizer_tensors, lr_at,
-                          optimizer_tensors, save_checkpoint as report_checkpoint, world)
-
-RUN_FILE = "run.json"
-
+                          open_run, optimizer_tensors, save_checkpoint as report_checkpoint, world)
 
 # ---------------------------------------------------------------------------------------------------- configs
 
@@ -286,7 +283,7 @@ def train_tokenizer(modality_name: str, app: Any, manifest: str, out: str | Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(app), indent=2) + "\n")
-    run = _open_run(app, out, f"{modality_name}-tokenizer", parent)
+    run = open_run(app, out, f"{modality_name}-tokenizer", parent)
     began = time.perf_counter()
     init_ray()
     with run:
@@ -311,19 +308,6 @@ def train_tokenizer(modality_name: str, app: Any, manifest: str, out: str | Path
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         run.log_artifact(out / "summary.json")
     return summary
-
-
-def _open_run(app: Any, out: Path, name: str, parent):
-    """The run's MLflow run: a child of `parent`, or the run of a previous invocation being resumed, or a new one."""
-    if parent is not None:
-        return parent.child(name, app)
-    record = out / RUN_FILE
-    if record.exists():
-        saved = json.loads(record.read_text())
-        return attach(saved["uri"], saved["run_id"])
-    run = start_run(app.tracking, out, name, params=app)
-    record.write_text(json.dumps({"uri": run.uri, "run_id": run.run_id}) + "\n")
-    return run
 
 
 def main(argv: list[str] | None = None, modality_name: str = "video") -> int:

@@ -1,0 +1,41 @@
+"""FLOPs accounting for MFU: the model's FLOPs per trained token, and the device's measured matmul peak.
+
+MFU = achieved FLOP/s / peak FLOP/s. The peak is measured (a large square matmul on the device, in the training
+dtype), not read from a spec sheet, so the figure means the same on a CPU, an H100 or an H200.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+from pipeline.llm import LLMConfig
+
+
+def transformer_flops_per_token(cfg: LLMConfig, sequence_length: float) -> float:
+    """Forward + backward FLOPs per token: 6 x the matmul parameters, plus attention scores and values
+    (2 matmuls of width x length per layer, x 3 for forward and backward, x 2 FLOPs per multiply-add)."""
+    attention = 4 * cfg.width * cfg.width
+    mlp = 3 * cfg.width * cfg.mlp_width
+    head = cfg.width * cfg.vocab.size
+    matmul_params = cfg.depth * (attention + mlp) + head
+    return 6 * matmul_params + 12 * cfg.depth * cfg.width * sequence_length
+
+
+@functools.cache
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
+    """Best FLOP/s of repeated (size x size) @ (size x size) matmuls on `device` in `dtype`."""
+    if device.type == "cpu":
+        size = min(size, 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        began = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - began))
+    return best

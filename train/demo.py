@@ -1,10 +1,15 @@
-"""`videopoet demo --out DIR`: the end-to-end job on embedded defaults.
+"""`videopoet demo --out DIR`: the end-to-end job on embedded defaults (local Ray, local files, MLflow in DIR).
 
 Stages, each a child MLflow run under one parent run:
-  synth   write the synthetic audio-visual world as real MP4 files and a manifest
-  decode  decode every file into clips with the media module
-  check   read the decoded clips back with the world's oracle and score them against the ground truth
-Figures go to DIR/summary.json and a printed table.
+  synth            the synthetic audio-visual world as real MP4 files and a manifest
+  check            decode every file with the media module; the world's oracle reads the clips back
+  video_tokenizer  train MAGVIT-v2 (Ray Train)
+  audio_tokenizer  train SoundStream (Ray Train)
+  tokenize         the Ray Data tokenize job -> Parquet token shards
+  llm              train the LLM on the shards (Ray Train + DeepSpeed ZeRO-3)
+  generate         text-to-video and video-to-audio samples, scored by the oracle against their prompts
+Figures go to DIR/summary.json (adherence per task next to its chance level, wall time per stage) and a table.
+Every section defaults to its app's `demo` flavor; `--set llm.train.steps=100` overrides on top of it.
 """
 
 from __future__ import annotations
@@ -13,23 +18,44 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config, to_dict
+import numpy as np
+
+from pipeline.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from pipeline.generation import SamplingConfig, VideoPoet
 from pipeline.manifest import read_manifest
-from pipeline.media import MediaConfig, decode
-from pipeline.oracle import ATTRIBUTES, read_attributes, score_av
-from pipeline.synth import SynthConfig, write_corpus
+from pipeline.media import decode, write_video
+from pipeline.oracle import ATTRIBUTES, read_attributes, read_audio_attributes, read_video_attributes, score, score_av
+from pipeline.synth import COLORS, MOTIONS, SHAPES, SynthConfig, caption, write_corpus
 from pipeline.tracking import TrackingConfig, start_run
+from tokenize_jobs.job import TokenizeConfig, TokenizeJob
+from train.llm import LLMTrainConfig, train_llm
+from train.tokenizers import AudioModality, AudioTokenizerTrainConfig, VideoModality, VideoTokenizerTrainConfig, \
+    train_tokenizer
+
+CHANCE_ALL = 1 / (len(SHAPES) * len(COLORS) * len(MOTIONS))
+
+
+def _flavor(cls, kind):
+    return lambda: load_config(cls, "demo", kind=kind)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    clips: int = 48  # each of the 48 attribute combinations once
+    clips: int = 192  # each of the 48 attribute combinations 4 times
     seed: int = 0
+    prompts: int = 48  # text-to-video samples: every attribute combination once
+    audio_samples: int = 16  # video-to-audio samples, on held-out clips
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, top_k=16))
     synth: SynthConfig = field(default_factory=SynthConfig)
-    media: MediaConfig = field(default_factory=lambda: MediaConfig(height=64, width=64))
+    video_tokenizer: VideoTokenizerTrainConfig = field(
+        default_factory=_flavor(VideoTokenizerTrainConfig, VideoModality.kinds))
+    audio_tokenizer: AudioTokenizerTrainConfig = field(
+        default_factory=_flavor(AudioTokenizerTrainConfig, AudioModality.kinds))
+    tokenize: TokenizeConfig = field(default_factory=_flavor(TokenizeConfig, "tokenize"))
+    llm: LLMTrainConfig = field(default_factory=_flavor(LLMTrainConfig, {"": "train_llm", "model": "llm"}))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -40,50 +66,76 @@ class Stages:
         self.parent = parent
         self.seconds: dict[str, float] = {}
 
-    def run(self, name: str, fn, params=None):
+    def run(self, name: str, fn, params=None, own_run: bool = False):
+        """`fn(run)`; with `own_run` the stage opens its child run itself (apps that log while they train)."""
         print(f"[demo] {name} ...", flush=True)
         began = time.perf_counter()
-        with self.parent.child(name, params) as child:
-            result = fn(child)
-            self.seconds[name] = time.perf_counter() - began
-            child.log_metrics({"wall_seconds": self.seconds[name]})
+        if own_run:
+            result = fn(self.parent)
+        else:
+            with self.parent.child(name, params) as child:
+                result = fn(child)
+        self.seconds[name] = time.perf_counter() - began
+        self.parent.log_metrics({f"seconds.{name}": self.seconds[name]})
         print(f"[demo] {name} done in {self.seconds[name]:.1f} s", flush=True)
         return result
 
 
-def synth_stage(cfg: DemoConfig, out: Path):
+def check_stage(cfg: DemoConfig, manifest: Path):
+    """Decode the corpus at the tokenizers' clip settings and read it back with the oracle: the data baseline."""
     def run(tracker):
-        rows = write_corpus(out / "corpus", cfg.synth, cfg.clips, cfg.seed)
-        tracker.log_metrics({"clips": len(rows)})
-        tracker.log_artifact(out / "corpus" / "manifest.jsonl")
-        return out / "corpus" / "manifest.jsonl"
-    return run
-
-
-def decode_stage(cfg: DemoConfig, manifest: Path):
-    def run(tracker):
-        table = read_manifest(manifest)
-        rows = table.to_pylist()
-        clips, failures = [], []
+        rows = read_manifest(manifest).to_pylist()
+        reads, expected = [], []
         for row in rows:
-            result = decode(row["path"], cfg.media)
-            clips += [(row, clip) for clip in result.clips]
-            if result.error is not None:
-                failures.append({"source": row["source"], "kind": result.error.kind, "message": str(result.error)})
-        tracker.log_metrics({"files": len(rows), "clips": len(clips), "failed_files": len(failures)})
-        if failures:
-            tracker.log_dict(failures, "failures.json")
-        return clips, failures
-    return run
-
-
-def check_stage(cfg: DemoConfig, clips):
-    def run(tracker):
-        reads = [read_attributes(clip.frames, clip.audio, cfg.media.sample_rate) for _, clip in clips]
-        expected = [{a: row[a] for a in ATTRIBUTES} for row, _ in clips]
+            for clip in decode(row["path"], cfg.tokenize.media).clips:
+                reads.append(read_attributes(clip.frames, clip.audio, cfg.tokenize.media.sample_rate))
+                expected.append({a: row[a] for a in ATTRIBUTES})
         scores = score_av(reads, expected)
         tracker.log_metrics({f"oracle.{k}": v for k, v in scores.items()})
         return scores
+    return run
+
+
+def generate_stage(cfg: DemoConfig, out: Path, manifest: Path):
+    def run(tracker):
+        poet = VideoPoet.load(out / "llm" / "model")
+        samples = out / "samples"
+        samples.mkdir(exist_ok=True)
+        rng = np.random.default_rng(cfg.seed)
+        combos = [dict(zip(ATTRIBUTES, c)) for c in np.array(np.meshgrid(SHAPES, COLORS, MOTIONS, indexing="ij"))
+                  .reshape(3, -1).T.tolist()]
+        prompts = [combos[i] for i in rng.permutation(len(combos))[: cfg.prompts]]
+        reads = []
+        for i, attributes in enumerate(prompts):
+            result = poet.generate("text_to_video", prompt=caption(attributes),
+                                   sampling=replace(cfg.sampling, seed=cfg.seed + i))
+            reads.append(read_video_attributes(result.frames))
+            if i < 4:
+                path = samples / f"t2v_{i}_{caption(attributes).replace(' ', '_')}.mp4"
+                write_video(str(path), result.frames, poet.media.fps)
+        t2v = score(reads, prompts)
+
+        held_out = [r for r in read_manifest(manifest).to_pylist() if r.get("split") == "val"][: cfg.audio_samples]
+        audio_reads, audio_expected, reconstructed = [], [], []
+        for i, row in enumerate(held_out):
+            clip = decode(row["path"], poet.media).clips[0]
+            result = poet.generate("video_to_audio", frames=clip.frames,
+                                   sampling=replace(cfg.sampling, seed=cfg.seed + i))
+            audio_reads.append(read_audio_attributes(result.audio, poet.media.sample_rate))
+            audio_expected.append({a: row[a] for a in ATTRIBUTES})
+            # What the tokens keep: the oracle on the tokenizers' reconstruction of the real clip.
+            frames = poet.decode_video(poet.encode_video(clip.frames))
+            audio = poet.decode_audio(poet.encode_audio(clip.audio))
+            reconstructed.append(read_attributes(frames, audio, poet.media.sample_rate))
+            if i < 4:
+                write_video(str(samples / f"v2a_{i}.mp4"), clip.frames, poet.media.fps, result.audio,
+                            poet.media.sample_rate)
+        v2a = score(audio_reads, audio_expected)
+        tokens = score_av(reconstructed, audio_expected)
+        figures = {"text_to_video": t2v, "video_to_audio": v2a, "tokenizer_roundtrip": tokens}
+        tracker.log_metrics({f"{task}.{k}": v for task, scores in figures.items() for k, v in scores.items()})
+        tracker.log_artifact(samples, "samples")
+        return figures
     return run
 
 
@@ -91,49 +143,83 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     began = time.perf_counter()
-    with start_run(cfg.tracking, out, "demo", params=cfg) as parent:
+    with start_run(cfg.tracking, out, "demo", params={"clips": cfg.clips, "seed": cfg.seed}) as parent:
         stages = Stages(parent)
-        manifest = stages.run("synth", synth_stage(cfg, out), cfg.synth)
-        clips, failures = stages.run("decode", decode_stage(cfg, manifest), cfg.media)
-        scores = stages.run("check", check_stage(cfg, clips))
+        manifest = stages.run("synth", lambda run: _synth(cfg, out, run), cfg.synth)
+        data = stages.run("check", check_stage(cfg, manifest))
+        video = stages.run("video_tokenizer", lambda p: train_tokenizer(
+            "video", cfg.video_tokenizer, str(manifest), out / "video_tokenizer", parent=p), own_run=True)
+        audio = stages.run("audio_tokenizer", lambda p: train_tokenizer(
+            "audio", cfg.audio_tokenizer, str(manifest), out / "audio_tokenizer", parent=p), own_run=True)
+        tokenized = stages.run("tokenize", lambda run: _tokenize(cfg, out, manifest, video, audio, run), cfg.tokenize)
+        llm = stages.run("llm", lambda p: train_llm(cfg.llm, str(out / "shards"), out / "llm", parent=p),
+                         own_run=True)
+        figures = stages.run("generate", generate_stage(cfg, out, manifest), cfg.sampling)
         summary = {
-            "clips": len(clips),
-            "failed_files": len(failures),
-            "oracle": scores,
+            "adherence": {"text_to_video": figures["text_to_video"]["all"],
+                          "video_to_audio": figures["video_to_audio"]["all"]},
+            "chance": {"all_attributes": CHANCE_ALL, "shape": 1 / len(SHAPES), "color": 1 / len(COLORS),
+                       "motion": 1 / len(MOTIONS)},
+            "scores": figures,
+            "data_oracle": {"video": data["video.all"], "audio": data["audio.all"]},
+            "tokenizers": {"video": video["metrics"], "audio": audio["metrics"]},
+            "tokenize": {k: tokenized[k] for k in ("clips", "inputs_failed", "clips_per_s")},
+            "llm": llm["metrics"],
             "stage_seconds": stages.seconds,
             "total_seconds": time.perf_counter() - began,
             "mlflow": {"tracking_uri": parent.uri, "run_id": parent.run_id},
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         parent.log_artifact(out / "summary.json")
-        parent.log_metrics({"total_seconds": summary["total_seconds"]})
+        parent.log_metrics({"total_seconds": summary["total_seconds"],
+                            **{f"adherence.{k}": v for k, v in summary["adherence"].items()}})
     print_summary(summary, out)
     return summary
 
 
+def _synth(cfg: DemoConfig, out: Path, tracker) -> Path:
+    rows = write_corpus(out / "corpus", cfg.synth, cfg.clips, cfg.seed)
+    tracker.log_metrics({"clips": len(rows)})
+    tracker.log_artifact(out / "corpus" / "manifest.jsonl")
+    return out / "corpus" / "manifest.jsonl"
+
+
+def _tokenize(cfg: DemoConfig, out: Path, manifest: Path, video: dict, audio: dict, tracker) -> dict:
+    summary = TokenizeJob(cfg.tokenize, str(manifest), str(out / "shards"), video["tokenizer"], audio["tokenizer"]).run()
+    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return summary
+
+
 def print_summary(summary: dict, out: Path) -> None:
-    scores = summary["oracle"]
-    print(f"\nvideopoet demo: {summary['clips']} clips decoded, {summary['failed_files']} files failed")
-    print(f"{'attribute':<10} {'video':>7} {'audio':>7} {'agree':>7}")
-    for name in (*ATTRIBUTES, "all"):
-        print(f"{name:<10} {scores[f'video.{name}']:>7.1%} {scores[f'audio.{name}']:>7.1%} "
-              f"{scores[f'agreement.{name}']:>7.1%}")
-    stages = ", ".join(f"{k} {v:.1f} s" for k, v in summary["stage_seconds"].items())
-    print(f"stages: {stages}; total {summary['total_seconds']:.1f} s")
-    print(f"summary: {out / 'summary.json'}")
+    scores = summary["scores"]
+    print(f"\nvideopoet demo: prompt adherence measured by the synthetic world's oracle "
+          f"(chance for all three attributes: {summary['chance']['all_attributes']:.1%})")
+    print(f"{'':<22} {'shape':>7} {'color':>7} {'motion':>7} {'all':>7}")
+    for name in ("text_to_video", "video_to_audio"):
+        s = scores[name]
+        print(f"{name:<22} " + " ".join(f"{s[a]:>7.1%}" for a in (*ATTRIBUTES, "all")))
+    tokens = scores["tokenizer_roundtrip"]
+    print(f"{'tokens (video)':<22} " + " ".join(f"{tokens[f'video.{a}']:>7.1%}" for a in (*ATTRIBUTES, "all")))
+    print(f"{'tokens (audio)':<22} " + " ".join(f"{tokens[f'audio.{a}']:>7.1%}" for a in (*ATTRIBUTES, "all")))
+    print(f"{'chance':<22} " + " ".join(f"{summary['chance'][a]:>7.1%}" for a in ATTRIBUTES)
+          + f" {summary['chance']['all_attributes']:>7.1%}")
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_seconds"].items())
+    print(f"stages: {stages}; total {summary['total_seconds']:.0f} s")
+    print(f"summary: {out / 'summary.json'}; samples: {out / 'samples'}")
     if summary["mlflow"]["run_id"]:
         print(f"MLflow:  mlflow ui --backend-store-uri {summary['mlflow']['tracking_uri']}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="videopoet demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="run folder (corpus, summary.json, mlflow.db)")
+    parser.add_argument("--out", required=True, help="run folder (corpus, runs of every stage, summary.json, mlflow.db)")
     parser.add_argument("--config", default=None, help="a TOML file of DemoConfig sections")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set clips=96 or --set media.width=128")
+                        help="override a config field, e.g. --set clips=96 or --set llm.train.steps=100")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(DemoConfig, args.config, args.overrides)
+        base = to_dict(DemoConfig()) if args.config is None else to_dict(load_config(DemoConfig, args.config))
+        cfg = from_dict(DemoConfig, apply_overrides(base, args.overrides))
     except (ConfigError, ValueError) as e:
         print(f"videopoet demo: {e}", file=sys.stderr)
         return 2

@@ -42,6 +42,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     workers: int = 2
+    # CPUs each worker reserves; Ray sets the worker's OMP_NUM_THREADS, hence torch's intra-op threads, to this.
+    cpus_per_worker: int = 1
     use_gpu: bool = False
     max_failures: int = 0
 
@@ -69,12 +71,16 @@ def fit(name: str, loop: Callable[[dict], None], loop_config: dict[str, Any], cf
     from ray.train.torch import TorchConfig, TorchTrainer
 
     init_ray()
+    for dataset in (datasets or {}).values():
+        # Workers iterate these every run; their progress bars would flood the driver's log.
+        dataset.context.enable_progress_bars = False
     storage = Path(out_dir).resolve() / "ray" if "://" not in str(out_dir) else f"{str(out_dir).rstrip('/')}/ray"
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(storage),

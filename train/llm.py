@@ -24,16 +24,17 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import read_metadata, save_checkpoint
-from pipeline.config import ConfigError, from_dict, load_config, to_dict
+from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.llm import LLMConfig, VideoPoetLM
 from pipeline.shards import open_shards
 from pipeline.text import TextConfig, WordVocabulary, load_text_conditioner, stack_embeddings
 from pipeline.tracking import NullRun, TrackingConfig, attach
 from pipeline.vocab import Vocabulary
-from train.engine import DeepSpeedConfig, build_engine, consolidated_state_dict, restore, save, set_lr
+from train.data import shard_columns, split_datasets
+from train.engine import DeepSpeedConfig, build_engine, final_weights, restore, save, set_lr
 from train.flops import matmul_peak_flops, transformer_flops_per_token
 from train.mixture import Mixture, MixtureConfig, Row, collate, rows_from_table
-from train.runner import TrainConfig, all_reduce_mean, fit, init_ray, open_run, world
+from train.runner import TrainConfig, add_run_arguments, all_reduce_mean, app_config, fit, init_ray, open_run, world
 
 TOKEN_COLUMNS = ["clip_id", "caption", "split", "video_tokens", "video_shape", "audio_tokens", "audio_shape",
                  "structure_tokens", "structure_shape"]
@@ -76,12 +77,7 @@ def vocabulary_for(shards, text_size: int) -> Vocabulary:
 
 def collect_rows(shard, rank: int = 0, world_size: int = 1) -> list[Row]:
     """This rank's slice of a dataset shard's token rows, ordered by clip id."""
-    columns: dict[str, list] = {c: [] for c in TOKEN_COLUMNS}
-    for batch in shard.iter_batches(batch_format="pyarrow", batch_size=256):
-        for c in TOKEN_COLUMNS:
-            columns[c] += batch.column(c).to_pylist()
-    order = np.argsort(np.array(columns["clip_id"], dtype=object).astype(str))[rank::world_size]
-    return rows_from_table({c: [columns[c][i] for i in order] for c in TOKEN_COLUMNS})
+    return rows_from_table(shard_columns(shard, TOKEN_COLUMNS, rank, world_size))
 
 
 def to_tensors(batch: dict[str, np.ndarray], conditions, device: torch.device):
@@ -201,8 +197,6 @@ def validate(engine, mixture: Mixture, rows: list[Row], app: LLMTrainConfig, dev
 
 def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, parent=None) -> dict[str, Any]:
     """Train (or resume) the LLM on shards; returns the summary also written to OUT/summary.json."""
-    import ray
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shards = open_shards(data)
@@ -218,9 +212,7 @@ def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, paren
     began = time.perf_counter()
     init_ray()
     with run:
-        dataset = ray.data.read_parquet(list(shards.files), filesystem=shards.filesystem, columns=TOKEN_COLUMNS)
-        train_ds = dataset.filter(lambda row: row["split"] != "val").materialize()
-        val_ds = dataset.filter(lambda row: row["split"] == "val").materialize()
+        train_ds, val_ds = split_datasets(shards, TOKEN_COLUMNS)
         lengths = [len(s) for s in shards.to_table(["video_tokens"]).column("video_tokens").to_pylist()[:64]]
         run.log_params({"vocab_size": model_cfg.vocab.size, "parameters": _parameters(model_cfg),
                         "shards_fingerprint": shards.fingerprint})
@@ -230,11 +222,9 @@ def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, paren
                       "words": words_path.read_text() if app.text.kind == "words" else "",
                       "mean_length": float(np.mean(lengths)) + 16, "tracking_uri": run.uri, "run_id": run.run_id},
                      app.train, out, datasets={"train": train_ds, "val": val_ds})
-        with result.checkpoint.as_directory() as folder:
-            weights = consolidated_state_dict(folder)
-            step = json.loads((Path(folder) / "state.json").read_text())["step"]
+        weights, step = final_weights(result)
         model = VideoPoetLM(model_cfg)
-        model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()})
+        model.load_state_dict(weights)
         export = save_checkpoint(out / "model", model, model_cfg,
                                  extra={"steps": step, "tokenizers": shards.meta.tokenizers,
                                         "media": shards.meta.settings, "text": to_dict(app.text)})
@@ -256,21 +246,11 @@ def _parameters(cfg: LLMConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="videopoet train llm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="demo", help="flavor (debug, demo, 300m, 1b, 8b) or a TOML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set deepspeed.zero_stage=2 or --set model.depth=8")
+    add_run_arguments(parser, "debug, demo, 300m, 1b, 8b")
     parser.add_argument("--data", required=True, nargs="+", help="token shards: a tokenize job's OUT or its folders")
-    parser.add_argument("--out", required=True, help="run folder; re-running with the same folder resumes")
-    parser.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
-    parser.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
     args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.steps is not None:
-        overrides.append(f"train.steps={args.steps}")
-    if args.workers is not None:
-        overrides.append(f"train.workers={args.workers}")
     try:
-        app = load_config(LLMTrainConfig, args.config, overrides, kind={"": "train_llm", "model": "llm"})
+        app = app_config(LLMTrainConfig, args, {"": "train_llm", "model": "llm"})
     except (ConfigError, ValueError) as e:
         print(f"videopoet train llm: {e}", file=sys.stderr)
         return 2

@@ -9,17 +9,19 @@ batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.config import load_config
 from pipeline.tracking import attach, start_run
 
 STATE_FILE = "state.json"
@@ -179,3 +181,24 @@ def open_run(app: Any, out: Path, name: str, parent):
     run = start_run(app.tracking, out, name, params=app)
     record.write_text(json.dumps({"uri": run.uri, "run_id": run.run_id}) + "\n")
     return run
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, flavors: str = "debug, demo, paper") -> None:
+    """The options every training app shares: config, overrides, run folder, steps and workers."""
+    parser.add_argument("--config", default="demo", help=f"flavor ({flavors}) or a TOML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.lr=1e-3 or --set model.depth=8")
+    parser.add_argument("--out", required=True, help="run folder; re-running with the same folder resumes")
+    parser.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
+
+
+def app_config(cls: type, args: argparse.Namespace, kind: Mapping[str, str]) -> Any:
+    """The app's config from `add_run_arguments` options; raises ConfigError or ValueError naming the problem."""
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.workers is not None:
+        overrides.append(f"train.workers={args.workers}")
+    return load_config(cls, args.config, overrides, kind=kind)
+

@@ -24,15 +24,16 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.checkpoint import save_checkpoint
-from pipeline.config import ConfigError, from_dict, load_config, to_dict
+from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.magvit import MagvitConfig, MagvitModel, tensor_to_video, video_to_tensor
 from pipeline.manifest import read_manifest
 from pipeline.media import MediaConfig
 from pipeline.metrics import codebook_usage, psnr, si_snr, ssim
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.tracking import NullRun, TrackingConfig, attach
-from train.runner import (TrainConfig, all_reduce_mean, fit, load_latest_checkpoint, load_optimizer_tensors, lr_at,
-                          open_run, optimizer_tensors, save_checkpoint as report_checkpoint, world)
+from train.runner import (TrainConfig, add_run_arguments, all_reduce_mean, app_config, fit, load_latest_checkpoint,
+                          load_optimizer_tensors, lr_at, open_run, optimizer_tensors,
+                          save_checkpoint as report_checkpoint, world)
 
 # ---------------------------------------------------------------------------------------------------- configs
 
@@ -314,21 +315,11 @@ def main(argv: list[str] | None = None, modality_name: str = "video") -> int:
     modality = MODALITIES[modality_name]
     parser = argparse.ArgumentParser(prog=f"videopoet train {modality_name}-tokenizer",
                                      description=f"Train the {modality_name} tokenizer on Ray Train.")
-    parser.add_argument("--config", default="demo", help="flavor (debug, demo, paper) or a TOML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.lr=1e-3 or --set model.base_channels=32")
+    add_run_arguments(parser)
     parser.add_argument("--manifest", required=True, help="corpus manifest (JSONL, CSV, Parquet or HF dataset)")
-    parser.add_argument("--out", required=True, help="run folder; re-running with the same folder resumes")
-    parser.add_argument("--steps", type=int, help="total training steps (train.steps)")
-    parser.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
     args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.steps is not None:
-        overrides.append(f"train.steps={args.steps}")
-    if args.workers is not None:
-        overrides.append(f"train.workers={args.workers}")
     try:
-        app = load_config(modality.config_class, args.config, overrides, kind=modality.kinds)
+        app = app_config(modality.config_class, args, modality.kinds)
     except (ConfigError, ValueError) as e:
         print(f"videopoet train {modality_name}-tokenizer: {e}", file=sys.stderr)
         return 2

@@ -72,7 +72,7 @@ SCHEMA = pa.schema([
     *_token_fields("video", TOKEN_TYPES["video"], False),  # (t, h, w) codes of the video tokenizer
     *_token_fields("audio", TOKEN_TYPES["audio"], True),  # (levels, frames), level-major; null without audio
     pa.field("has_audio", pa.bool_(), False),  # the source has an audio stream
-    pa.field("padded_frames", pa.int32(), False),  # trailing frames repeating the last one (sources shorter than a clip)
+    pa.field("padded_frames", pa.int32(), False),  # trailing copies of the last frame (a source shorter than a clip)
     pa.field("source_fps", pa.float64()),
     pa.field("source_width", pa.int32()),
     pa.field("source_height", pa.int32()),
@@ -252,7 +252,8 @@ def remove_temporaries(fs: pa_fs.FileSystem, directory: str) -> int:
     return len(stale)
 
 
-def write_table(fs: pa_fs.FileSystem, path: str, table: pa.Table, metadata: Mapping[bytes, bytes] | None = None) -> None:
+def write_table(fs: pa_fs.FileSystem, path: str, table: pa.Table,
+                metadata: Mapping[bytes, bytes] | None = None) -> None:
     if metadata is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     write_atomic(fs, path, lambda out: pq.write_table(table, out))

@@ -39,7 +39,7 @@ from pipeline.synth import SynthConfig, write_corpus
 from pipeline.text import ENCODER_FILE, WORDS_FILE, FrozenTextEncoder, WordVocabulary
 from tokenize_jobs import shards_cli
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob, main
-from tokenize_jobs.stages import structure_video
+from pipeline.structure import structure_video
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real"
 CFG = load_config(TokenizeConfig, "debug", kind="tokenize")

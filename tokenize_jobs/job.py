@@ -5,8 +5,9 @@
 Streaming pipeline: manifest rows -> decode (CPU actors, `pipeline.media` through ffmpeg) -> [2x split, structure
 video] -> video tokenizer actors -> [audio tokenizer actors] -> [text encoder actors] -> the driver, which assembles
 shards and writes each one as soon as all its inputs are through. Tokenizer actors run on GPUs (bf16; video actors
-take most of a GPU each, audio and text actors a share) when the cluster has them, on CPUs otherwise. Nothing is materialized whole: Ray Data backpressures the stages and the driver holds only the shards
-still open, which are those whose inputs are in flight.
+take most of a GPU each, audio and text actors a share) when the cluster has them, on CPUs otherwise. Nothing is
+materialized whole: Ray Data backpressures the stages and the driver holds only the shards still open, which are
+those whose inputs are in flight.
 
 Exactly once: the manifest is sorted by id and shard k holds inputs [k * n, (k + 1) * n); finished shards are
 skipped, so re-running the same command after a crash (even SIGKILL) yields the same clips as an uninterrupted run
@@ -61,9 +62,10 @@ class TokenizeConfig:
     media: MediaConfig = field(default_factory=lambda: MediaConfig(height=64, width=64))
     inputs_per_shard: int = 64
     decode_actors: int = 2  # most decode actors
-    decode_cpus: float = 1.0  # per decode actor (ffmpeg runs beside it)
+    decode_cpus: float = 0.5  # per decode actor: a logical share for Ray's scheduler (ffmpeg runs beside it)
     batch_size: int = 8  # clips per tokenizer call
-    tokenizer_cpus: float = 1.0  # per tokenizer actor without GPUs
+    tokenizer_cpus: float = 1.0  # per video tokenizer actor without GPUs (also its torch threads)
+    side_cpus: float = 0.5  # per audio tokenizer or text encoder actor without GPUs
     tokenizer_actors: int = 1  # most actors per tokenizer stage without GPUs; with GPUs, one per GPU
     max_error_fraction: float = 0.1  # of inputs that fail; above it the job exits 1
     hr: bool = False  # also tokenize each clip at 2x (decoded at 2x; the base frames are its 2x2 means)
@@ -74,7 +76,7 @@ class TokenizeConfig:
         for name in ("inputs_per_shard", "decode_actors", "batch_size", "tokenizer_actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TokenizeConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("decode_cpus", "tokenizer_cpus"):
+        for name in ("decode_cpus", "tokenizer_cpus", "side_cpus"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TokenizeConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if not 0 <= self.max_error_fraction <= 1:
@@ -118,10 +120,6 @@ def _meta_model(tokenizer: dict[str, Any]) -> torch.nn.Module:
     _, model_class = model_classes(tokenizer["kind"])
     with torch.device("meta"):
         return model_class(_config(tokenizer))
-
-
-def _join(*parts: str) -> str:
-    return posixpath.join(*parts)
 
 
 def _extras(table: pa.Table) -> pa.Array:
@@ -187,8 +185,15 @@ class TokenizeJob:
         self.settings = {"media": media, "hr": cfg.hr, "structure": cfg.structure}
         self.fingerprint = fingerprint_of(self.tokenizers, self.settings)
         self.fs, root = resolve_filesystem(self.out)
-        self.shard_dir = _join(root, self.fingerprint)
-        self.job_dir = _join(root, JOBS_DIR, self.fingerprint)
+        self.shard_dir = posixpath.join(root, self.fingerprint)
+        self.job_dir = posixpath.join(root, JOBS_DIR, self.fingerprint)
+        self.job_file = self.job_file
+
+    def shard_path(self, index: int) -> str:
+        return self.shard_path(index)
+
+    def record_path(self, index: int) -> str:
+        return self.record_path(index)
 
     def _check_tokenizers(self) -> None:
         media = self.cfg.media
@@ -243,7 +248,7 @@ class TokenizeJob:
     def _claim(self, plan: pa.Table) -> dict[str, Any]:
         """Write job.json for a fresh OUT, or check that the OUT being resumed was planned the same way."""
         record = self._job_record(plan)
-        previous = read_json(self.fs, _join(self.job_dir, "job.json"))
+        previous = read_json(self.fs, self.job_file)
         if previous is not None:
             for key in ("ids_sha256", "inputs_per_shard"):
                 if previous[key] != record[key]:
@@ -253,18 +258,17 @@ class TokenizeJob:
                         f"{previous['inputs_per_shard']} per shard; now {record['inputs']} and "
                         f"{record['inputs_per_shard']}); shards map inputs by position, so resuming would mix them: "
                         "use another --out")
-        write_json(self.fs, _join(self.job_dir, "job.json"), {**record, "status": "running", "updated": _now()})
+        write_json(self.fs, self.job_file, {**record, "status": "running", "updated": _now()})
         return record
 
     def finished_shards(self, shards: int) -> set[int]:
         """Shards whose record exists and, if they have clips, whose file does too."""
         done = set()
         for index in range(shards):
-            record = read_json(self.fs, _join(self.job_dir, "shards", record_name(index)))
+            record = read_json(self.fs, self.record_path(index))
             if record is None:
                 continue
-            if record["clips"] == 0 or self.fs.get_file_info(_join(self.shard_dir, shard_name(index))).type \
-                    == pa_fs.FileType.File:
+            if record["clips"] == 0 or self.fs.get_file_info(self.shard_path(index)).type == pa_fs.FileType.File:
                 done.add(index)
         return done
 
@@ -286,32 +290,39 @@ class TokenizeJob:
                        clips_per_s=round(clips_now / seconds, 3) if written else 0.0)
         return summary
 
-    def dataset(self, pending: pa.Table):
+    def output_columns(self) -> list[tuple[str, str]]:
+        """(frame column, token name) pairs the video tokenizer stage reads and writes."""
+        return [("frames", "video")] + ([("frames_hr", "hr_video")] if self.cfg.hr else []) + \
+            ([("structure", "structure")] if self.cfg.structure else [])
+
+    def decode(self, pending: pa.Table):
+        """Manifest rows -> clip rows (frames, audio and the carried columns), as a Ray dataset."""
         import ray
 
         cfg = self.cfg
-        transforms, columns = [], [("frames", "video")]
-        if cfg.hr:
-            transforms.append(downscale_2x)
-            columns.append(("frames_hr", "hr_video"))
-        if cfg.structure:
-            transforms.append(add_structure)
-            columns.append(("structure", "structure"))
+        transforms = ([downscale_2x] if cfg.hr else []) + ([add_structure] if cfg.structure else [])
         ds = ray.data.from_arrow(pending, override_num_blocks=min(len(pending), MAX_INPUT_BLOCKS))
         # Decode runs in its own actor pool: Ray Data would fuse decode tasks into the tokenizer actors (same
         # resources), which serializes decoding behind tokenizing.
-        ds = ds.map_batches(Decode, fn_constructor_args=(cfg.decode_media, transforms), batch_size=1,
-                            batch_format="numpy", num_cpus=cfg.decode_cpus,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.decode_actors))
+        return ds.map_batches(Decode, fn_constructor_args=(cfg.decode_media, transforms), batch_size=1,
+                              batch_format="numpy", num_cpus=cfg.decode_cpus,
+                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.decode_actors))
+
+    def tokenize(self, clips):
+        """Clip rows -> token rows: the tokenizer stages as actor pools, on GPUs when the cluster has them."""
+        import ray
+
+        cfg = self.cfg
         gpus = int(ray.cluster_resources().get("GPU", 0))
         audio, text = self.tokenizers["audio"], self.tokenizers["text"]
         cpu = {"num_cpus": cfg.tokenizer_cpus}
         video_share = 1 - SIDE_GPU_SHARE * ((audio is not None) + (text is not None))
         actors = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus or cfg.tokenizer_actors)
-        ds = ds.map_batches(VideoTokenizer, fn_constructor_args=(self.tokenizers["video"]["location"], columns),
-                            batch_size=cfg.batch_size, batch_format="numpy", compute=actors,
-                            **({"num_gpus": video_share} if gpus else cpu))
-        side = {"num_gpus": SIDE_GPU_SHARE} if gpus else cpu
+        ds = clips.map_batches(VideoTokenizer, fn_constructor_args=(self.tokenizers["video"]["location"],
+                                                                   self.output_columns()),
+                               batch_size=cfg.batch_size, batch_format="numpy", compute=actors,
+                               **({"num_gpus": video_share} if gpus else cpu))
+        side = {"num_gpus": SIDE_GPU_SHARE} if gpus else {"num_cpus": cfg.side_cpus}
         if audio is None:
             ds = ds.drop_columns(["audio"])
         else:
@@ -331,7 +342,7 @@ class TokenizeJob:
         assembler = ShardAssembler(counts)
         bounds = self._shard_bounds(pending)
         written = []
-        for batch in self.dataset(pending).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in self.tokenize(self.decode(pending)).iter_batches(batch_size=None, batch_format="numpy"):
             for shard, rows in assembler.add(batch):
                 written.append((shard, self.write_shard(shard, rows, counts[shard], bounds[shard])))
         if assembler.open_shards:
@@ -360,17 +371,17 @@ class TokenizeJob:
         record = {**shard, "file": shard_name(index) if len(clips) else None, "errors": errors,
                   "inputs_failed": sum(e["clips_kept"] == 0 for e in errors),
                   "inputs_partial": sum(e["clips_kept"] > 0 for e in errors)}
-        write_json(self.fs, _join(self.job_dir, "shards", record_name(index)), record)
+        write_json(self.fs, self.record_path(index), record)
         if len(clips):
             meta = ShardMeta(self.fingerprint, self.tokenizers, self.settings, shard, _now())
-            write_table(self.fs, _join(self.shard_dir, shard_name(index)), clips, meta.to_metadata())
+            write_table(self.fs, self.shard_path(index), clips, meta.to_metadata())
         return len(clips)
 
     def finish(self, record: dict[str, Any], plan: pa.Table) -> dict[str, Any]:
         """Gather the shard records into errors.parquet and job.json; returns the job's summary."""
-        records = [read_json(self.fs, _join(self.job_dir, "shards", record_name(i))) for i in range(record["shards"])]
+        records = [read_json(self.fs, self.record_path(i)) for i in range(record["shards"])]
         errors = [e for r in records for e in r["errors"]]
-        write_table(self.fs, _join(self.job_dir, "errors.parquet"), errors_table(errors))
+        write_table(self.fs, posixpath.join(self.job_dir, "errors.parquet"), errors_table(errors))
         failed = len(errors)
         fraction = failed / len(plan)
         status = "done" if fraction <= self.cfg.max_error_fraction else "failed"
@@ -379,8 +390,8 @@ class TokenizeJob:
                   "clips": sum(r["clips"] for r in records), "shards": len(records),
                   "shards_with_clips": sum(r["clips"] > 0 for r in records), "error_fraction": round(fraction, 4),
                   "errors_by_kind": dict(sorted(collections.Counter(e["error_kind"] for e in errors).items()))}
-        write_json(self.fs, _join(self.job_dir, "job.json"), {**record, **totals, "status": status, "updated": _now()})
-        return {"status": status, "fingerprint": self.fingerprint, "out": _join(self.out, self.fingerprint),
+        write_json(self.fs, self.job_file, {**record, **totals, "status": status, "updated": _now()})
+        return {"status": status, "fingerprint": self.fingerprint, "out": posixpath.join(self.out, self.fingerprint),
                 "max_error_fraction": self.cfg.max_error_fraction, **totals}
 
 
@@ -394,7 +405,7 @@ def _track(cfg: TokenizeConfig, out: str, summary: dict[str, Any], parent_run_id
     if "://" in out and not cfg.tracking.uri:
         raise TokenizeError("tracking: --out is a URI, so the embedded MLflow store has no local folder; "
                             "set tracking.uri")
-    run = start_run(cfg.tracking, _join(out, JOBS_DIR), "tokenize", parent_run_id=parent_run_id)
+    run = start_run(cfg.tracking, posixpath.join(out, JOBS_DIR), "tokenize", parent_run_id=parent_run_id)
     try:
         run.log_params(to_dict(cfg))
         run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -460,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary["status"] != "done":
         print(f"videopoet tokenize: {summary['inputs_failed']} of {summary['inputs']} inputs failed "
               f"({summary['error_fraction']:.1%}), above --max-error-fraction {cfg.max_error_fraction:.1%}; "
-              f"see {_join(args.out, JOBS_DIR, summary['fingerprint'], 'errors.parquet')}", file=sys.stderr)
+              f"see {posixpath.join(args.out, JOBS_DIR, summary['fingerprint'], 'errors.parquet')}", file=sys.stderr)
         return 1
     return 0
 

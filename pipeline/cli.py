@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("tokenize_jobs.shards_cli", "inspect token shards: `videopoet shards info OUT`"),
     "train": ("train.cli", "train a tokenizer, the LLM or the super-resolution stage on Ray Train"),
     "generate": ("train.generate", "sample a task from a trained LLM and write an MP4 (with audio)"),
+    "eval": ("eval.stage", "evaluate a trained LLM on Ray: FVD, CLIPSIM, fairness, prompt adherence -> MLflow"),
 }
 
 

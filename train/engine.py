@@ -107,3 +107,12 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(Path(checkpoint_dir) / FOLDER), tag=TAG)
     return {k: v.contiguous() for k, v in state.items()}
+
+
+def final_weights(result) -> tuple[dict[str, torch.Tensor], int]:
+    """The consolidated weights of a finished `fit`'s last checkpoint and its step. The apps' engine module wraps the
+    model as `model` (an objective around it), so that prefix is removed."""
+    with result.checkpoint.as_directory() as folder:
+        weights = consolidated_state_dict(folder)
+        step = json.loads(Path(folder, STATE_FILE).read_text())["step"]
+    return {k.removeprefix("model."): v for k, v in weights.items()}, step

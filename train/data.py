@@ -1,0 +1,36 @@
+"""Token shards on Ray Train workers, shared by the apps that train on them (LLM, super-resolution).
+
+The driver reads the shards as two small materialized Ray datasets, train (every split but `val`) and val, that every
+worker sees whole (`train.runner.fit` splits nothing). A worker keeps its own slice of the rows, a pure function of the
+clip ids, its rank and the world size, so the slice cannot change between a run and its resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.shards import ShardSet
+
+VAL_SPLIT = "val"
+
+
+def split_datasets(shards: ShardSet, columns: list[str]) -> tuple[Any, Any]:
+    """(train, val) Ray datasets of the shards' `columns`, materialized."""
+    import ray
+
+    dataset = ray.data.read_parquet(list(shards.files), filesystem=shards.filesystem).select_columns(columns)
+    train = dataset.filter(lambda row: row["split"] != VAL_SPLIT).materialize()
+    val = dataset.filter(lambda row: row["split"] == VAL_SPLIT).materialize()
+    return train, val
+
+
+def shard_columns(shard, columns: list[str], rank: int = 0, world_size: int = 1) -> dict[str, list]:
+    """This rank's slice of a worker's dataset shard, ordered by clip id, as one Python list per column."""
+    found: dict[str, list] = {c: [] for c in columns}
+    for batch in shard.iter_batches(batch_format="pyarrow", batch_size=256):
+        for c in columns:
+            found[c] += batch.column(c).to_pylist()
+    order = np.argsort(np.array(found["clip_id"], dtype=object).astype(str))[rank::world_size]
+    return {c: [found[c][i] for i in order] for c in columns}

@@ -5,15 +5,23 @@ record of the tokenizers that wrote its training shards). `generate(task, ...)` 
 the output with the KV-cached sampler (logits restricted to each position's valid range, so every sample parses),
 and decodes the codes back to frames and audio. Long videos extend a clip repeatedly, conditioned on its last
 latent frames (`extend`).
+
+Super-resolution cascades after the base model: `VideoPoet.load(model_dir, sr=[stage_dir, ...])` adds the exports of
+`videopoet train sr`, each a 2x stage whose low-res input is the previous stage's output (the base model's codes for
+the first). `upsample(codes, prompt)` runs every stage by guided parallel decoding and decodes the last stage's codes
+with its video tokenizer; `upsample_frames` does the same for a video of any length (an extended video, an image),
+clip by clip, from its frames.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from pipeline.checkpoint import load_checkpoint, read_metadata
 from pipeline.config import from_dict
@@ -21,7 +29,9 @@ from pipeline.magvit import tensor_to_video, video_to_tensor
 from pipeline.media import MediaConfig
 from pipeline.sampling import generate as sample
 from pipeline.sequence import TASKS, Layout, Task, build_prompt, central_mask, parse_sequence
-from pipeline.text import WordVocabulary
+from pipeline.structure import structure_video
+from pipeline.text import TextCondition, TextConfig, TextConditioner, WordVocabulary, load_text_conditioner, \
+    stack_embeddings
 
 WORDS_FILE = "words.json"
 
@@ -43,29 +53,115 @@ class Generated:
     audio_codes: np.ndarray | None  # (levels, frames)
     frames: np.ndarray | None  # uint8 (T, H, W, 3)
     audio: np.ndarray | None  # float32 (samples,)
+    hr_video_codes: np.ndarray | None = None  # the last super-resolution stage's codes, when frames come from it
+
+
+def text_inputs(conditions: Sequence[TextCondition], device: torch.device | str = "cpu"
+                ) -> tuple[Tensor | None, Tensor | None]:
+    """The super-resolution model's text for a batch of captions: word ids (B, L) or embeddings (B, L, width),
+    zero-padded, and the mask of real positions (B, L); (None, None) when no caption has any text."""
+    lengths = torch.tensor([len(c) for c in conditions], dtype=torch.long)
+    if not len(lengths) or not lengths.any():
+        return None, None
+    mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+    text = stack_embeddings(conditions)
+    if text is None:
+        text = torch.zeros(mask.shape, dtype=torch.long)
+        for row, condition in enumerate(conditions):
+            text[row, :len(condition)] = torch.from_numpy(condition.tokens)
+    return text.to(device), mask.to(device)
+
+
+class SuperResStage:
+    """One 2x stage: an export of `videopoet train sr`, the video tokenizer of its shards and its text conditioner."""
+
+    def __init__(self, model, video_tokenizer, text: TextConditioner, tokenizer_fingerprint: str, source: str):
+        self.model = model
+        self.video_tokenizer = video_tokenizer
+        self.text = text
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.source = source
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu") -> "SuperResStage":
+        model_dir = Path(model_dir)
+        meta = read_metadata(model_dir)
+        tokenizers = meta["extra"].get("tokenizers")
+        if meta["kind"] != "superres" or not tokenizers:
+            raise ValueError(f"{model_dir}: not a super-resolution export of `videopoet train sr` "
+                             f"(kind {meta['kind']!r})")
+        location = _local(tokenizers["video"]["location"])
+        text_cfg = from_dict(TextConfig, meta["extra"]["text"])
+        text = WordVocabulary.load(model_dir / WORDS_FILE) if text_cfg.kind == "words" else \
+            load_text_conditioner(text_cfg)
+        return cls(load_checkpoint(model_dir, device), load_checkpoint(location, device), text,
+                   read_metadata(location)["fingerprint"], str(model_dir))
+
+    @property
+    def lr_grid(self) -> tuple[int, int, int]:
+        return self.model.config.lr_grid
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.model.config.grid
+
+    @torch.no_grad()
+    def upsample(self, codes: np.ndarray, prompt: str | None = None, seed: int = 0) -> np.ndarray:
+        """Low-res codes (t, h, w) -> high-res codes (t, 2h, 2w), with the config's decoding steps and guidance."""
+        if tuple(codes.shape) != self.lr_grid:
+            raise ValueError(f"super-resolution stage {self.source}: takes codes {self.lr_grid}, got {codes.shape}")
+        device = next(self.model.parameters()).device
+        text, text_mask = text_inputs(self.text.condition([prompt]) if prompt else [], device)
+        generator = torch.Generator(device).manual_seed(seed)
+        lr = torch.from_numpy(np.asarray(codes)).long()[None].to(device)
+        return self.model.generate(lr, text, text_mask, generator=generator)[0].cpu().numpy()
+
+    @torch.no_grad()
+    def decode_video(self, codes: np.ndarray) -> np.ndarray:
+        return tensor_to_video(self.video_tokenizer.decode(torch.from_numpy(codes)[None].long()))[0].cpu().numpy()
+
+
+def check_cascade(grid: tuple[int, int, int], fingerprint: str, stages: Sequence[SuperResStage]) -> None:
+    """Each stage must take the codes the one before it gives: same grid, same video tokenizer."""
+    before = "the base model"
+    for stage in stages:
+        if stage.lr_grid != tuple(grid):
+            raise ValueError(f"super-resolution stage {stage.source} takes codes {stage.lr_grid}, but {before} "
+                             f"gives {tuple(grid)}")
+        if stage.tokenizer_fingerprint != fingerprint:
+            raise ValueError(f"super-resolution stage {stage.source} was trained on codes of video tokenizer "
+                             f"{stage.tokenizer_fingerprint}, but {before} gives codes of {fingerprint}")
+        grid, before = stage.grid, f"stage {stage.source}"
 
 
 class VideoPoet:
-    def __init__(self, model, video_tokenizer, audio_tokenizer, words: WordVocabulary, media: MediaConfig):
+    def __init__(self, model, video_tokenizer, audio_tokenizer, words: WordVocabulary, media: MediaConfig,
+                 stages: Sequence[SuperResStage] = ()):
         self.model = model
         self.video_tokenizer = video_tokenizer
         self.audio_tokenizer = audio_tokenizer
         self.words = words
         self.media = media
         self.vocab = model.config.vocab
+        self.stages = list(stages)
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu") -> "VideoPoet":
+    def load(cls, model_dir: str | Path, device: str = "cpu", sr: Sequence[str | Path] = ()) -> "VideoPoet":
+        """An LLM export, and the super-resolution exports `sr` to cascade after it, lowest resolution first."""
         model_dir = Path(model_dir)
         extra = read_metadata(model_dir)["extra"]
         tokenizers = extra.get("tokenizers")
         if not tokenizers:
             raise ValueError(f"{model_dir}: not an LLM export of `videopoet train llm` (no tokenizer record)")
-        video = load_checkpoint(_local(tokenizers["video"]["location"]), device)
+        video_dir = _local(tokenizers["video"]["location"])
+        video = load_checkpoint(video_dir, device)
         audio = load_checkpoint(_local(tokenizers["audio"]["location"]), device) if tokenizers.get("audio") else None
         media = from_dict(MediaConfig, extra["media"]["media"])
-        return cls(load_checkpoint(model_dir, device), video, audio, WordVocabulary.load(model_dir / WORDS_FILE),
-                   media)
+        stages = [SuperResStage.load(stage_dir, device) for stage_dir in sr]
+        poet = cls(load_checkpoint(model_dir, device), video, audio, WordVocabulary.load(model_dir / WORDS_FILE),
+                   media, stages)
+        check_cascade(poet.latent_grid, read_metadata(video_dir)["fingerprint"], stages)
+        return poet
 
     # ------------------------------------------------------------------------------------------------ tokenizing
 
@@ -156,6 +252,27 @@ class VideoPoet:
             video = np.concatenate([video, nxt.frames[given:]])
         return video
 
+    # ------------------------------------------------------------------------------------------------ super-resolution
+
+    def upsample(self, codes: np.ndarray, prompt: str | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The base model's codes (t, h, w) through every stage -> (the last stage's codes, its decoded frames)."""
+        if not self.stages:
+            raise ValueError("no super-resolution stage loaded (VideoPoet.load(..., sr=[...]))")
+        for i, stage in enumerate(self.stages):
+            codes = stage.upsample(codes, prompt, seed + i)
+        return codes, self.stages[-1].decode_video(codes)
+
+    def upsample_frames(self, frames: np.ndarray, prompt: str | None = None, seed: int = 0) -> np.ndarray:
+        """Frames (T, H, W, 3) at the base resolution, any T -> frames at the last stage's resolution: every clip
+        (the last one padded with its final frame) is encoded, upsampled and decoded."""
+        clip, out = self.media.clip_frames, []
+        for start in range(0, len(frames), clip):
+            chunk = np.asarray(frames[start:start + clip])
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], clip - len(chunk), axis=0)])
+            _, high = self.upsample(self.encode_video(padded), prompt, seed + start)
+            out.append(high[:len(chunk)])
+        return np.concatenate(out)
+
     def _continue(self, context_codes: np.ndarray, context: int, sampling: SamplingConfig) -> Generated:
         """Future prediction of a clip whose first `context` latent frames are `context_codes`."""
         layout = Layout(Task.FUTURE_PREDICTION, self.vocab, self.latent_grid, context_frames=context)
@@ -175,7 +292,12 @@ class VideoPoet:
         if len(frames) < self.media.clip_frames and spec.video_in != "image":
             pad = self.media.clip_frames - len(frames)
             frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
-        return self.encode_video(frames[:1] if spec.video_in == "image" else frames[: self.media.clip_frames])
+        if spec.video_in == "image":
+            return self.encode_video(frames[:1])
+        frames = frames[: self.media.clip_frames]
+        if spec.video_in == "structure":  # stylization conditions on the clip's flow and luminance
+            frames = structure_video(frames[None])[0]
+        return self.encode_video(frames)
 
     def _audio_condition(self, task: Task, audio: np.ndarray | None) -> np.ndarray | None:
         spec = TASKS[task]

@@ -10,11 +10,13 @@ from pipeline.config import load_config, to_dict
 from pipeline.generation import SamplingConfig, VideoPoet
 from pipeline.llm import LLMConfig, VideoPoetLM
 from pipeline.magvit import MagvitConfig, MagvitModel
+from pipeline.masking import DecodingConfig
 from pipeline.media import MediaConfig, decode, write_video
 from pipeline.quantizers import RVQConfig
 from pipeline.sequence import Task
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
-from pipeline.text import WordVocabulary
+from pipeline.superres import SuperResConfig, SuperResTransformer
+from pipeline.text import TextConfig, WordVocabulary
 from pipeline.vocab import Vocabulary
 from train.generate import main
 
@@ -36,6 +38,13 @@ def export(tmp_path_factory):
     save_checkpoint(root / "run" / "model", VideoPoetLM(cfg), cfg,
                     extra={"tokenizers": tokenizers, "media": {"media": to_dict(MEDIA)}})
     words.save(root / "run" / "model" / "words.json")
+    # A 2x super-resolution stage on the same tokenizer: (5, 4, 4) -> (5, 8, 8) codes, i.e. 32x32 -> 64x64 frames.
+    sr = SuperResConfig(grid=(5, 8, 8), windows=((1, 8, 2), (1, 2, 8), (5, 2, 2)), bits=video.quantizer.bits,
+                        width=16, heads=2, blocks=1, mlp_ratio=2, text_dim=8, text_vocab=words.size,
+                        decoding=DecodingConfig(steps=3))
+    save_checkpoint(root / "sr" / "model", SuperResTransformer(sr), sr,
+                    extra={"tokenizers": {"video": {"location": str(root / "video")}}, "text": to_dict(TextConfig())})
+    words.save(root / "sr" / "model" / "words.json")
     return root
 
 
@@ -77,3 +86,23 @@ def test_cli_writes_mp4_and_tokens_with_chaining_and_extension(export, clip_file
 def test_cli_names_a_missing_condition(export, tmp_path, capsys):
     assert main(["--checkpoint", str(export / "run"), "--task", "text_to_video", "--out", str(tmp_path / "x.mp4")]) == 2
     assert "needs --prompt" in capsys.readouterr().err
+
+
+def test_cli_upsamples_through_a_super_resolution_stage(export, tmp_path, capsys):
+    out = tmp_path / "high.mp4"
+    assert main(["--checkpoint", str(export / "run"), "--task", "text_to_video", "--prompt", "a red circle moving left",
+                 "--sr", str(export / "sr"), "--out", str(out), "--top-k", "4"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["size"] == [64, 64] and report["frames"] == 17
+    decoded = decode(str(out), MediaConfig(height=64, width=64, short="pad"))
+    assert decoded.ok and decoded.clips[0].frames.shape == (17, 64, 64, 3)
+    tokens = np.load(out.with_suffix(".tokens.npz"))
+    assert tokens["video_codes"].shape == (5, 4, 4) and tokens["hr_video_codes"].shape == (5, 8, 8)
+
+
+def test_super_resolution_of_an_image_and_a_cascade_that_does_not_chain(export):
+    poet = VideoPoet.load(export / "run" / "model", sr=[export / "sr" / "model"])
+    image = np.random.default_rng(2).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)
+    assert poet.upsample_frames(image, prompt="a blue square").shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match=r"takes codes \(5, 4, 4\), but stage .* gives \(5, 8, 8\)"):
+        VideoPoet.load(export / "run" / "model", sr=[export / "sr" / "model"] * 2)

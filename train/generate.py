@@ -3,10 +3,13 @@
     videopoet generate --checkpoint runs/llm --task text_to_video --prompt "a red circle moving left" --out a.mp4
     videopoet generate --checkpoint runs/llm --task image_to_video --image cat.png --then video_to_audio --out b.mp4
     videopoet generate --checkpoint runs/llm --task text_to_video --prompt "..." --extend 3 --out long.mp4
+    videopoet generate --checkpoint runs/llm --task text_to_video --prompt "..." --sr runs/sr --out high.mp4
 
 `--then TASK` chains tasks zero-shot: each step's output clip (frames and audio) is the next step's input.
-`--extend N` lengthens the final video N times, each time conditioned on its last second. The sampled tokens are
-saved beside the video as `<out>.tokens.npz`.
+`--extend N` lengthens the final video N times, each time conditioned on its last second. `--sr RUN` (repeatable,
+lowest resolution first) upsamples the result through each super-resolution stage of `videopoet train sr`: the
+sampled codes of a single clip directly, an extended video or an image clip by clip from its frames. The sampled
+tokens are saved beside the video as `<out>.tokens.npz`.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def load_frames(path: str, media: MediaConfig, image: bool) -> tuple[np.ndarray,
 
 
 def run(args: argparse.Namespace) -> tuple[Generated, VideoPoet]:
-    poet = VideoPoet.load(model_dir(args.checkpoint))
+    poet = VideoPoet.load(model_dir(args.checkpoint), sr=[model_dir(stage) for stage in args.sr])
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               guidance=args.guidance, seed=args.seed)
     frames = audio = None
@@ -57,6 +60,12 @@ def run(args: argparse.Namespace) -> tuple[Generated, VideoPoet]:
         frames, audio = result.frames, result.audio if result.audio is not None else audio
     if args.extend:
         result.frames = poet.extend(result.frames, args.extend, seconds=1.0, sampling=sampling)
+    if poet.stages:
+        codes = result.video_codes
+        if codes is not None and codes.shape == poet.latent_grid and not args.extend:
+            result.hr_video_codes, result.frames = poet.upsample(codes, args.prompt, args.seed)
+        else:
+            result.frames = poet.upsample_frames(result.frames, args.prompt, args.seed)
     return result, poet
 
 
@@ -73,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio", help="an audio (or video) file whose sound conditions audio-to-video")
     parser.add_argument("--context-frames", type=int, default=1, help="latent frames given (future prediction)")
     parser.add_argument("--extend", type=int, default=0, help="lengthen the video N times by future prediction")
+    parser.add_argument("--sr", action="append", default=[], metavar="RUN",
+                        help="a run folder of `videopoet train sr` (or its model/): upsample the result; repeat for "
+                             "a cascade, lowest resolution first")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -89,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_video(str(out), result.frames, poet.media.fps, result.audio, poet.media.sample_rate)
     tokens = out.with_suffix(".tokens.npz")
-    np.savez(tokens, ids=result.ids, **{k: v for k, v in (("video_codes", result.video_codes),
-                                                            ("audio_codes", result.audio_codes)) if v is not None})
+    codes = (("video_codes", result.video_codes), ("audio_codes", result.audio_codes),
+             ("hr_video_codes", result.hr_video_codes))
+    np.savez(tokens, ids=result.ids, **{k: v for k, v in codes if v is not None})
     print(json.dumps({"out": str(out), "tokens": str(tokens), "task": result.task.value, "frames": len(result.frames),
-                      "audio": result.audio is not None}))
+                      "size": list(result.frames.shape[1:3]), "audio": result.audio is not None}))
     return 0
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 from functools import partial
 
-from train import llm, tokenizers
+from train import llm, superres, tokenizers
 
 TARGETS = {
     "video-tokenizer": ("train the MAGVIT-v2 video tokenizer", partial(tokenizers.main, modality_name="video")),
     "audio-tokenizer": ("train the SoundStream audio tokenizer", partial(tokenizers.main, modality_name="audio")),
     "llm": ("train the VideoPoet LLM with DeepSpeed on token shards", llm.main),
+    "sr": ("train a super-resolution stage with DeepSpeed on --hr token shards", superres.main),
 }
 
 

@@ -44,6 +44,7 @@ META_KEY = b"videopoet"
 OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
 FINGERPRINT_CHARS = 16
 _SHARD_FILE = re.compile(r"^shard-(\d{5,})\.parquet$")
+_RECORD_FILE = re.compile(r"^shard-(\d{5,})\.json$")
 _FINGERPRINT = re.compile(rf"^[0-9a-f]{{{FINGERPRINT_CHARS}}}$")
 
 # Token columns come in pairs: `<name>_tokens` (flattened, row-major over the shape) and `<name>_shape`.
@@ -106,6 +107,11 @@ def shard_index(name: str) -> int | None:
 
 def record_name(index: int) -> str:
     return f"shard-{index:05d}.json"
+
+
+def record_index(name: str) -> int | None:
+    match = _RECORD_FILE.match(posixpath.basename(name))
+    return int(match.group(1)) if match else None
 
 
 def fingerprint_of(tokenizers: Mapping[str, Any], settings: Mapping[str, Any]) -> str:

@@ -26,6 +26,7 @@ import math
 import posixpath
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Optional
@@ -41,7 +42,8 @@ from pipeline.config import ConfigError, from_dict, load_config, to_dict
 from pipeline.manifest import ManifestError, read_manifest, resolve_filesystem
 from pipeline.media import MediaConfig
 from pipeline.shards import (JOBS_DIR, ShardError, ShardMeta, clips_table, errors_table, fingerprint_of,
-                             read_json, record_name, remove_temporaries, shard_name, write_json, write_table)
+                             read_json, record_index, record_name, remove_temporaries, shard_index, shard_name,
+                             write_json, write_table)
 from pipeline.tracking import TrackingConfig, start_run
 from tokenize_jobs.stages import (AudioTokenizer, Decode, TextEncoder, VideoTokenizer, add_structure,
                                   checkpoint_metadata, downscale_2x, text_encoder_metadata)
@@ -187,13 +189,13 @@ class TokenizeJob:
         self.fs, root = resolve_filesystem(self.out)
         self.shard_dir = posixpath.join(root, self.fingerprint)
         self.job_dir = posixpath.join(root, JOBS_DIR, self.fingerprint)
-        self.job_file = self.job_file
+        self.job_file = posixpath.join(self.job_dir, "job.json")
 
     def shard_path(self, index: int) -> str:
-        return self.shard_path(index)
+        return posixpath.join(self.shard_dir, shard_name(index))
 
     def record_path(self, index: int) -> str:
-        return self.record_path(index)
+        return posixpath.join(self.job_dir, "shards", record_name(index))
 
     def _check_tokenizers(self) -> None:
         media = self.cfg.media
@@ -261,16 +263,23 @@ class TokenizeJob:
         write_json(self.fs, self.job_file, {**record, "status": "running", "updated": _now()})
         return record
 
-    def finished_shards(self, shards: int) -> set[int]:
-        """Shards whose record exists and, if they have clips, whose file does too."""
-        done = set()
-        for index in range(shards):
-            record = read_json(self.fs, self.record_path(index))
-            if record is None:
-                continue
-            if record["clips"] == 0 or self.fs.get_file_info(self.shard_path(index)).type == pa_fs.FileType.File:
-                done.add(index)
-        return done
+    def finished_shards(self) -> set[int]:
+        """Shards whose record exists and, if they have clips, whose file does too (two listings, plus a read of
+        each record without a file, to tell a shard without clips from one killed between its two writes)."""
+        recorded = self._listed(posixpath.join(self.job_dir, "shards"), record_index)
+        written = self._listed(self.shard_dir, shard_index)
+        unwritten = sorted(recorded - written)
+        empty = {i for i, r in zip(unwritten, self._read_records(unwritten)) if r["clips"] == 0}
+        return (recorded & written) | empty
+
+    def _listed(self, directory: str, index_of) -> set[int]:
+        infos = self.fs.get_file_info(pa_fs.FileSelector(directory, allow_not_found=True))
+        return {index_of(i.path) for i in infos if i.type == pa_fs.FileType.File and index_of(i.path) is not None}
+
+    def _read_records(self, indices: list[int]) -> list[dict[str, Any]]:
+        # Threads: on object stores each read is a round trip.
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(lambda i: read_json(self.fs, self.record_path(i)), indices))
 
     # ------------------------------------------------------------------------------------------------ run
 
@@ -278,7 +287,7 @@ class TokenizeJob:
         plan = self.plan()
         record = self._claim(plan)
         removed = remove_temporaries(self.fs, self.shard_dir) + remove_temporaries(self.fs, self.job_dir)
-        done = self.finished_shards(record["shards"])
+        done = self.finished_shards()
         pending = plan.filter(pc.invert(pc.is_in(plan.column("shard"), pa.array(sorted(done), pa.int64()))))
         began = time.perf_counter()
         written = self.process(pending) if len(pending) else []
@@ -379,7 +388,7 @@ class TokenizeJob:
 
     def finish(self, record: dict[str, Any], plan: pa.Table) -> dict[str, Any]:
         """Gather the shard records into errors.parquet and job.json; returns the job's summary."""
-        records = [read_json(self.fs, self.record_path(i)) for i in range(record["shards"])]
+        records = self._read_records(list(range(record["shards"])))
         errors = [e for r in records for e in r["errors"]]
         write_table(self.fs, posixpath.join(self.job_dir, "errors.parquet"), errors_table(errors))
         failed = len(errors)

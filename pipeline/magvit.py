@@ -10,14 +10,15 @@ its codes equal the first latent frame of any video that starts with it (in exac
 differ in the last bits between the two shapes). Down-sampling is a strided causal convolution (T: 1 + 2k -> 1 + k);
 up-sampling is depth-to-space (a convolution to s_t * 2 * 2 times the channels, rearranged into time and space) that
 drops the first s_t - 1 frames so 1 + k latent frames grow back to 1 + s_t k. The decoder's group norms are adaptive:
-their scale and shift are 1x1x1 projections of the quantized latent, broadcast to each resolution in the causal
-frame order (decoded frame f takes latent frame ceil(f / s) at time scale s).
+their scale and shift are 1x1 projections of the quantized latent, broadcast to each resolution in the causal frame
+order (decoded frame f takes latent frame ceil(f / s) at time scale s). Inside the networks activations are
+frame-major (B, T, C, H, W), so per-frame operations are views of (B*T, C, H, W).
 
 Image-to-video: the image tokenizer is this same model trained on single frames; a single frame only ever meets the
-last (present) tap of each causal temporal kernel and the last sub-frame of each temporal up-sampler. `inflate_from_image`
-builds the video tokenizer from it: spatial kernels go to the present tap (earlier taps zero) and every up-sampled
-sub-frame starts as a copy of the trained one. The inflated model tokenizes images exactly as the image model does
-and latent frame j of a video as the image model tokenizes frame 4j, which is where video training starts.
+last (present) tap of each causal temporal kernel and the last sub-frame of each temporal up-sampler.
+`inflate_from_image` builds the video tokenizer from it: spatial kernels go to the present tap (earlier taps zero)
+and every up-sampled sub-frame starts as a copy of the trained one. The inflated model tokenizes images exactly as
+the image model does and latent frame j of a video as the image model tokenizes frame 4j; video training starts there.
 
 Training: `loss(x)` is reconstruction + LFQ (commitment + entropy penalty). The optional perceptual loss and 3D GAN
 discriminator (LeCam-regularized) live in `pipeline.adversarial` and are configured here (`perceptual_*`,
@@ -301,7 +302,8 @@ class MagvitModel(nn.Module):
         """(t, h, w) of the codes of a (frames, height, width) video; raises for shapes the model cannot take."""
         s, r = self.spatial_factor, self.temporal_factor
         if frames < 1 or (frames - 1) % r:
-            raise ValueError(f"video: {frames} frames; the tokenizer needs 1 + {r}k frames (1, {1 + r}, {1 + 2 * r}, ...)")
+            raise ValueError(f"video: {frames} frames; the tokenizer needs 1 + {r}k frames "
+                             f"(1, {1 + r}, {1 + 2 * r}, ...)")
         if height < s or width < s or height % s or width % s:
             raise ValueError(f"video: frame size {height}x{width} must be a positive multiple of {s}")
         return 1 + (frames - 1) // r, height // s, width // s

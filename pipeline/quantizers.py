@@ -122,8 +122,9 @@ class LFQ(nn.Module):
 # Residual vector quantization with EMA codebooks
 
 
-def kmeans(x: Tensor, k: int, iters: int) -> Tensor:
-    """Lloyd's k-means on x (N, D) from k random points (drawn with replacement when N < k); empty clusters stay put."""
+def kmeans(x: Tensor, k: int, iters: int) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means on x (N, D) from k random points (drawn with replacement when N < k); empty clusters stay put.
+    Returns (centroids (k, D), how many points each centroid has)."""
     centroids = x[torch.randint(len(x), (k,), device=x.device)].clone()
     for _ in range(iters):
         assign = torch.cdist(x, centroids).argmin(-1)
@@ -131,7 +132,7 @@ def kmeans(x: Tensor, k: int, iters: int) -> Tensor:
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled, None]
-    return centroids
+    return centroids, torch.bincount(torch.cdist(x, centroids).argmin(-1), minlength=k)
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,9 @@ class RVQConfig:
     codebook_size: int = 1024
     decay: float = 0.99  # EMA decay of codebook statistics
     commitment_weight: float = 1.0
-    dead_code_threshold: float = 2.0  # moving usage count (vectors per batch) below which a code is restarted
+    # moving usage (vectors per batch) below which a code restarts at a batch vector; keep it well under
+    # batch vectors / codebook_size, or live codes keep restarting
+    dead_code_threshold: float = 2.0
     kmeans_iters: int = 10  # on the first training batch; 0 initializes from random batch vectors
     epsilon: float = 1e-5  # Laplace smoothing of cluster sizes
 
@@ -163,9 +166,11 @@ class EMACodebook(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        self.embed.copy_(kmeans(x.float(), self.cfg.codebook_size, self.cfg.kmeans_iters))
-        self.embed_sum.copy_(self.embed)
-        self.cluster_size.fill_(1.0)
+        """k-means on the batch; each code starts with its cluster's size as usage (empty clusters restart at once)."""
+        centroids, counts = kmeans(x.float(), self.cfg.codebook_size, self.cfg.kmeans_iters)
+        self.embed.copy_(centroids)
+        self.cluster_size.copy_(counts)
+        self.embed_sum.copy_(centroids * counts[:, None])
         self.initialized.fill_(True)
 
     @torch.no_grad()

@@ -130,8 +130,9 @@ def test_rvq_straight_through_and_commitment():
 def test_kmeans_finds_clusters():
     torch.manual_seed(0)
     x = clustered(300, 2, 3)
-    centroids = kmeans(x, 3, iters=20)
+    centroids, counts = kmeans(x, 3, iters=20)
     assign = torch.cdist(x, centroids).argmin(-1)
+    assert torch.equal(counts, torch.bincount(assign, minlength=3)) and int(counts.sum()) == 300
     distortion = float((x - centroids[assign]).pow(2).sum(-1).mean())
     assert distortion < 2 * 2 * 0.5**2  # about the within-cluster variance (2 dims x 0.25)
 
@@ -183,6 +184,7 @@ def test_first_training_batch_initializes_codebook():
     assert not bool(rvq.codebooks[0].initialized)
     rvq(x)
     assert bool(rvq.codebooks[0].initialized)
+    assert float(rvq.codebooks[0].cluster_size.sum()) == pytest.approx(200)  # k-means counts, then one EMA step
     rvq.eval()
     assert float((x - rvq(x).latent).pow(2).sum(-1).mean()) < 1.0
 

@@ -14,8 +14,9 @@ term is L1 on mel magnitudes plus the RMS over mel bins of the log-mel differenc
 sums log-mel distances over bins with weight sqrt(s / 2) and a tiny floor; on tonal signals that lets the noise in
 near-silent bins dominate and stalls the waveform (SI-SNR) for hundreds of steps, hence RMS and a floor of
 `LOG_MEL_FLOOR`. The waveform term is what aligns phase (SI-SNR); small flavors weight the spectral term lightly.
-The RVQ codebooks learn by EMA inside forward in training mode (see `pipeline.quantizers`). The optional STFT discriminator lives in
-`pipeline.adversarial` (configured by `[discriminator]`); a trainer adds its generator loss to `objective(x, out)`.
+The RVQ codebooks learn by EMA inside forward in training mode (see `pipeline.quantizers`). The optional STFT
+discriminator lives in `pipeline.adversarial` (configured by `[discriminator]`); a trainer adds its generator loss to
+`objective(x, out)`.
 """
 
 from __future__ import annotations

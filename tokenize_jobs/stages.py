@@ -1,4 +1,4 @@
-"""The tokenize job's stages: plain callables over numpy batches, run by Ray Data as tasks or actor pools.
+"""The tokenize job's stages: plain callables over numpy batches, run by Ray Data as actor pools.
 
     Decode           manifest rows -> clip rows (`DecodeClips`), plus the columns the job carries through, then:
       downscale_2x   2x frames -> the base frames (2x2 means) and the 2x frames kept as `frames_hr`
@@ -151,8 +151,9 @@ class VideoTokenizer:
 
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> np.ndarray:
+        # uint8 crosses to the device (a quarter of the bytes of float) and is converted there.
         with _autocast(self.device):
-            return self.model.encode(video_to_tensor(frames).to(self.device)).cpu().numpy()
+            return self.model.encode(video_to_tensor(torch.from_numpy(frames).to(self.device))).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.flatnonzero(batch["ok"])

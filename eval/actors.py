@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from eval.clip_score import ClipConfig, ClipSimilarity
-from eval.fairness import ClipAttributeClassifier
+from eval.fairness import ATTRIBUTE_PROMPTS, ClipAttributeClassifier
 from eval.i3d import I3DConfig, I3DFeatureExtractor, InceptionI3d
 from eval.oracle_classifier import OracleAttributeClassifier
-from eval.prompts import needs_condition, render_condition
+from eval.prompts import ROW_COLUMNS, needs_condition, render_condition
 from pipeline.generation import SamplingConfig, VideoPoet
 from pipeline.media import MediaConfig, MediaError, decode
 from pipeline.oracle import read_audio_attributes
@@ -52,7 +52,7 @@ def _device() -> torch.device:
 
 def _items(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """A numpy batch as rows of plain Python values."""
-    n = len(next(iter(batch.values())))
+    n = len(next(iter(batch.values()), []))
     return [{k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()} for i in range(n)]
 
 
@@ -75,6 +75,18 @@ def is_random(i3d: I3DConfig, clip: ClipConfig) -> dict[str, bool]:
     return {"i3d": not i3d.weights, "clip": not clip.weights and not clip.model.startswith("local-dir:")}
 
 
+def random_i3d() -> InceptionI3d:
+    """I3D with He-initialized convolutions. PyTorch's default init shrinks activations layer by layer, so through
+    the ~60 layers every clip maps to nearly the same logits (FVD ~1e-11); He init keeps them input-dependent."""
+    network = InceptionI3d()
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    return network
+
+
 @contextlib.contextmanager
 def with_weights(i3d: I3DConfig, clip: ClipConfig, seed: int) -> Iterator[tuple[I3DConfig, ClipConfig]]:
     """The configs, with seeded random-init weights written to a temporary folder where none are given."""
@@ -83,7 +95,7 @@ def with_weights(i3d: I3DConfig, clip: ClipConfig, seed: int) -> Iterator[tuple[
         if random["i3d"]:
             torch.manual_seed(seed)
             i3d = replace(i3d, weights=str(Path(tmp) / "i3d_random_init.pt"))
-            torch.save(InceptionI3d().state_dict(), i3d.weights)
+            torch.save(random_i3d().state_dict(), i3d.weights)
         if random["clip"]:
             torch.manual_seed(seed)
             clip = replace(clip, weights=str(Path(tmp) / "clip_random_init.pt"))
@@ -129,7 +141,7 @@ class Generate:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{**row, **self.sample(row)} for row in _items(batch)]
-        return _columns(rows, [*batch, *GENERATED])
+        return _columns(rows, [*ROW_COLUMNS, *GENERATED])
 
 
 # ---------------------------------------------------------------------------------------------------- real clips
@@ -153,10 +165,16 @@ def decode_real(batch: dict[str, np.ndarray], media: MediaConfig, clips_per_vide
     settings, with the columns of generated rows, so both streams meet in one `Features` pool."""
     media = replace(media, max_clips=clips_per_video)
     rows = [row for item in _items(batch) for row in _real_rows(item, media)]
-    return _columns(rows, list(rows[0]))
+    return _columns(rows, [*ROW_COLUMNS, *GENERATED])
 
 
 # ---------------------------------------------------------------------------------------------------- features
+
+def _video_out(row: dict[str, Any]) -> str:
+    """What the row's frames are: a task's video output ("clip", "rest", "image"), "none" when they are the given
+    video through the tokenizer (video-to-audio), and "clip" for a real clip."""
+    return "clip" if row["source"] == "real" else TASKS[Task(row["task"])].video_out
+
 
 def _groups(indices: list[int], frames: list[np.ndarray]) -> Iterator[tuple[list[int], np.ndarray]]:
     """Rows of equal clip shape, stacked into one (B, T, H, W, 3) batch."""
@@ -167,11 +185,15 @@ def _groups(indices: list[int], frames: list[np.ndarray]) -> Iterator[tuple[list
         yield members, np.stack([frames[i] for i in members])
 
 
+FEATURE_COLUMNS = ("i3d_features", "clip_similarity", "clip_score", *(f"clip_{a}" for a in ATTRIBUTE_PROMPTS),
+                   *(f"oracle_{m}_{a}" for m in ("video", "audio") for a in ATTRIBUTES), "oracle_match")
+
+
 class Features:
     """Clips -> what the driver reduces to metrics.
 
-    i3d_features   the I3D logits averaged over time, for clips with enough frames that are generated videos
-                   (not images, not a task's reconstructed condition) or real clips
+    i3d_features   the I3D logits averaged over time, for generated videos (not images, not the given video of
+                   video-to-audio) and real clips with at least the frames I3D takes
     clip_*         CLIP similarity to the prompt (raw cosine and x100 clamped; NaN without a prompt or generated
                    video) and the CLIP zero-shot class of each fairness attribute
     oracle_*       the oracle's reads of the video and the audio ("" where nothing is read), and whether the
@@ -189,7 +211,7 @@ class Features:
     def i3d_features(self, rows: list[dict[str, Any]]) -> list[np.ndarray]:
         frames = [row["frames"] for row in rows]
         wanted = [i for i, row in enumerate(rows) if row["ok"] and len(frames[i]) >= self.i3d.config.num_frames
-                  and (row["source"] == "real" or TASKS[Task(row["task"])].video_out in ("clip", "rest"))]
+                  and _video_out(row) in ("clip", "rest")]
         out = [NO_FEATURES] * len(rows)
         for members, videos in _groups(wanted, frames):
             for i, features in zip(members, self.i3d(videos)):
@@ -208,8 +230,7 @@ class Features:
                 classes = self.zero_shot.attributes[attribute]
                 for i, label in zip(members, (video @ prompts.T).argmax(dim=1).tolist()):
                     out[i][f"clip_{attribute}"] = classes[label]
-            scored = [k for k, i in enumerate(members) if rows[i]["prompt"] and (
-                rows[i]["source"] == "real" or TASKS[Task(rows[i]["task"])].video_out != "none")]
+            scored = [k for k, i in enumerate(members) if rows[i]["prompt"] and _video_out(rows[i]) != "none"]
             if scored:
                 captions = encoder.encode_text([rows[members[k]]["prompt"] for k in scored])
                 cosines = torch.einsum("btd,bd->bt", embeddings[scored], captions).double().numpy()
@@ -222,7 +243,7 @@ class Features:
         video = self.oracle.read(row["frames"]) if row["ok"] else dict.fromkeys(ATTRIBUTES)
         audio = (read_audio_attributes(row["audio"], self.sample_rate) if row["ok"] and len(row["audio"])
                  else dict.fromkeys(ATTRIBUTES))
-        generated = audio if row["task"] and TASKS[Task(row["task"])].video_out == "none" else video
+        generated = audio if _video_out(row) == "none" else video
         expected = {a: row[f"expected_{a}"] for a in ATTRIBUTES}
         return {**{f"oracle_video_{a}": video[a] or "" for a in ATTRIBUTES},
                 **{f"oracle_audio_{a}": audio[a] or "" for a in ATTRIBUTES},
@@ -235,4 +256,4 @@ class Features:
             row.update(clip, **self.oracle_columns(row), i3d_features=feature)
             if not row["keep_media"]:
                 row.update(frames=NO_FRAMES, audio=NO_AUDIO)
-        return _columns(rows, list(rows[0]))
+        return _columns(rows, [*ROW_COLUMNS, *GENERATED, *FEATURE_COLUMNS])

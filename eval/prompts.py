@@ -31,6 +31,9 @@ from pipeline.sequence import TASKS, Task
 from pipeline.synth import ATTRIBUTES, SynthConfig, attribute_schedule, caption, plan, render_audio, render_video
 
 BUILT_IN = ("fairness", "synthetic")
+# The columns of a sample row (and of a real clip's row, which has the same): what the workers receive.
+ROW_COLUMNS = ("id", "source", "prompt_id", "task", "prompt", "seed", "path",
+               *(f"expected_{a}" for a in ATTRIBUTES), "keep_media")
 WORLD_SIZE = int(np.prod([len(values) for values in ATTRIBUTES.values()]))  # 48 combinations
 
 

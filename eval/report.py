@@ -142,7 +142,8 @@ def fairness(rows: list[dict[str, Any]], prompt_set: PromptSet, n_boot: int, see
     prompt_ids = np.array([r["prompt_id"] for r in videos])
     out: dict[str, Any] = {}
     for key, (classes, labels, reference) in _labels(videos).items():
-        stats = distribution_stats(labels, classes, reference, prompt_ids, n_boot=n_boot, seed=seed)
+        with np.errstate(invalid="ignore"):  # KL against a zero reference share evaluates a discarded 0 * inf
+            stats = distribution_stats(labels, classes, reference, prompt_ids, n_boot=n_boot, seed=seed)
         entry = _distribution(stats)
         if prompt_set.fairness is not None:
             try:
@@ -231,7 +232,7 @@ def plot_attributes(fairness_report: dict[str, Any], path: Path, labels: dict[st
         x = np.arange(len(entry["classes"]))
         p = np.array(entry["distribution"])
         errors = np.stack([p - entry["distribution_low"], np.array(entry["distribution_high"]) - p])
-        ax.bar(x, p, yerr=np.clip(errors, 0, None), capsize=3, color="#4c72b0")
+        ax.bar(x, p, yerr=np.clip(errors, 0, None), capsize=3, color="#4c72b0", ecolor="0.4", error_kw={"lw": 1})
         ax.scatter(x, entry["reference"], marker="_", s=400, color="#c44e52", label="reference", zorder=3)
         ax.set_xticks(x, entry["classes"], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
@@ -251,5 +252,7 @@ def plot_samples(samples: list[tuple[dict[str, Any], np.ndarray]], path: Path, f
         for ax, t in zip(axes, picks):
             ax.imshow(frames[t])
             ax.set_axis_off()
-        axes[0].set_title(f"{row['task']}: {row['prompt'] or '(no text)'}"[:70], fontsize=8, loc="left")
+        shown = "the given video, through the tokenizer" if TASKS[Task(row["task"])].video_out == "none" else \
+            row["prompt"] or "no text"
+        axes[0].set_title(f"{row['id']} {row['task']}: {shown}"[:80], fontsize=8, loc="left")
     figure.savefig(path, dpi=100)

@@ -288,15 +288,16 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def _parent_run(run_id: str, uri: str, checkpoint: str):
-    """The training run to nest under, in its own tracking store."""
+    """The training run to nest under, in its tracking store: `uri`, or the one the run folder's run.json records."""
     from mlflow.exceptions import MlflowException
 
-    record = Path(checkpoint) / RUN_FILE
     if not uri:
-        if not record.is_file():
-            raise ValueError(f"--parent-run {run_id}: give --tracking-uri (the checkpoint has no {RUN_FILE} "
-                             f"recording its tracking store)")
-        uri = json.loads(record.read_text())["uri"]
+        records = [folder / RUN_FILE for folder in (Path(checkpoint), Path(checkpoint).parent)
+                   if (folder / RUN_FILE).is_file()]
+        if not records:
+            raise ValueError(f"--parent-run {run_id}: give --tracking-uri (no {RUN_FILE} beside the checkpoint "
+                             f"records the training run's tracking store)")
+        uri = json.loads(records[0].read_text())["uri"]
     parent = attach(uri, run_id)
     try:
         parent.experiment_id

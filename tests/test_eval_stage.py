@@ -4,6 +4,7 @@ checked against independent computations, MLflow runs and artifacts)."""
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -30,6 +31,7 @@ from pipeline.text import WordVocabulary
 from pipeline.tracking import TrackingConfig, search_runs, start_run
 from pipeline.vocab import Vocabulary
 
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real"
 MEDIA = MediaConfig(height=32, width=32)
 TINY_CLIP = {
     "embed_dim": 32,
@@ -149,6 +151,23 @@ def test_config_flavors_and_checks():
         EvalConfig(synthetic_tasks=("text_to_sound",))
 
 
+def test_cli_errors_name_the_input(tmp_path, capsys):
+    with start_run(TrackingConfig(), tmp_path / "llm", "llm") as parent:
+        pass
+    (tmp_path / "llm" / "run.json").write_text(json.dumps({"uri": parent.uri, "run_id": parent.run_id}))
+    args = ["--prompts", "synthetic", "--out", str(tmp_path / "eval"), "--config", "debug"]
+    # The parent is found in the store the folder's run.json records; the folder itself is no LLM export.
+    assert main(["--checkpoint", str(tmp_path / "llm"), "--parent-run", parent.run_id, *args]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "llm"), "--parent-run", "0123456789abcdef", *args]) == 2
+    assert "--parent-run 0123456789abcdef: no such run" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "elsewhere"), "--parent-run", parent.run_id, *args]) == 2
+    assert "give --tracking-uri" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path / "llm"), *args, "--set", "bootstrap=0"])
+    assert "EvalConfig.bootstrap must be >= 1" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------- the stage
 
 @pytest.mark.heavy
@@ -211,24 +230,35 @@ def test_stage_end_to_end(ray_local, export, tiny_clip, tmp_path, capsys):
 
 
 @pytest.mark.heavy
-def test_stage_nests_under_a_parent_run(ray_local, export, tiny_clip, tmp_path, capsys):
+def test_stage_on_real_media_nests_under_a_parent_run(ray_local, export, tiny_clip, tmp_path):
+    """Conditions and reference clips from the real corpus; unreadable files become error rows, not failures."""
+    if not (REAL / "chaplin.mp4").exists():
+        pytest.skip(f"real corpus {REAL} is missing")
     tracking = tmp_path / "train"
     with start_run(TrackingConfig(), tracking, "llm") as parent:
         pass
     uri = f"sqlite:///{tracking / 'mlflow.db'}"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in [
+        {"task": "image_to_video", "prompt": "a man in a bowler hat", "video": str(REAL / "chaplin.mp4")},
+        {"task": "video_to_audio", "video": str(REAL / "result.webm")}]) + "\n")
+    manifest = tmp_path / "real.jsonl"
+    manifest.write_text("".join(json.dumps({"path": str(REAL / name)}) + "\n"
+                                for name in ("example.mp4", "result.webm")))
     out = tmp_path / "eval"
-    lines = tmp_path / "prompts.txt"
-    lines.write_text("a red circle moving left\n")
-    assert main(["--checkpoint", str(export / "run"), "--prompts", str(lines), "--out", str(out), "--config",
-                 "debug", "--set", f"clip.model={tiny_clip}", "--parent-run", parent.run_id,
+    assert main(["--checkpoint", str(export / "run"), "--prompts", str(prompts), "--real", str(manifest), "--out",
+                 str(out), "--config", "debug", "--set", f"clip.model={tiny_clip}", "--parent-run", parent.run_id,
                  "--tracking-uri", uri]) == 0
+
+    rows = {r["id"]: r for r in pq.read_table(out / "samples.parquet").to_pylist()}
+    assert rows["gen-000000"]["ok"] and len(rows["gen-000000"]["i3d_features"]) == 400
+    assert not rows["gen-000001"]["ok"] and "result.webm" in rows["gen-000001"]["error"]
+    real = [r for r in rows.values() if r["source"] == "real"]
+    assert sorted(r["ok"] for r in real) == [False, True]  # example.mp4 (no audio) decodes; the empty file fails
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == {"generated": 1, "generated_failed": 1, "real": 1, "real_failed": 1}
+    assert metrics["fvd"]["value"] is None and "covariance needs more than 1" in metrics["fvd"]["reason"]
     runs = {r.info.run_name: r for r in search_runs(uri, "videopoet")}
     assert runs["eval"].data.tags["mlflow.parentRunId"] == parent.run_id
-    assert "fvd" not in runs["eval"].data.metrics  # no real clips: FVD is left out, with its reason
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["fvd"]["value"] is None and "--real" in metrics["fvd"]["reason"]
+    assert "fvd" not in runs["eval"].data.metrics and runs["eval"].data.metrics["samples/real_failed"] == 1
     assert not (out / "mlflow.db").exists()
-
-    assert main(["--checkpoint", str(export / "run"), "--prompts", str(lines), "--out", str(out), "--config",
-                 "debug", "--parent-run", "0123456789abcdef", "--tracking-uri", uri]) == 2
-    assert "--parent-run 0123456789abcdef: no such run" in capsys.readouterr().err

@@ -34,7 +34,6 @@ from pipeline.synth import ATTRIBUTES
 
 CHANCE = {**{name: 1 / len(values) for name, values in ATTRIBUTES.items()}, "all": 1 / WORLD_SIZE}
 AV_TASKS = (Task.VIDEO_TO_AUDIO.value, Task.AUDIO_TO_VIDEO.value)  # one modality given, the other generated
-CLASSIFIERS = ("clip", "oracle")
 
 
 def jsonable(value: Any) -> Any:

@@ -114,7 +114,9 @@ def read_manifest(location: str | Path) -> pa.Table:
     caption = (table.column("caption").cast(pa.string()) if "caption" in table.column_names
                else pa.nulls(len(table), pa.string()))
     caption = pc.if_else(pc.equal(pc.utf8_trim_whitespace(caption), ""), pa.scalar(None, pa.string()), caption)
-    ids = table.column("id").cast(pa.string()) if "id" in table.column_names else pa.array(sources, pa.string())
+    ids = pa.array(sources, pa.string())
+    if "id" in table.column_names:  # rows without an id fall back to their source
+        ids = pc.coalesce(table.column("id").cast(pa.string()).combine_chunks(), ids)
     duplicates = pc.filter(pc.value_counts(ids).field("values"), pc.greater(pc.value_counts(ids).field("counts"), 1))
     if len(duplicates):
         raise ManifestError(f"manifest {location}: duplicate ids, for example {duplicates[0].as_py()!r} "

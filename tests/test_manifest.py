@@ -55,6 +55,8 @@ def test_hf_dataset_folder(tmp_path):
 def test_given_ids_are_kept_and_must_be_unique(tmp_path):
     write_jsonl(tmp_path / "m.jsonl", [{"path": "a.mp4", "id": "x"}, {"path": "b.mp4", "id": "y"}])
     assert read_manifest(tmp_path / "m.jsonl").column("id").to_pylist() == ["x", "y"]
+    write_jsonl(tmp_path / "p.jsonl", [{"path": "a.mp4", "id": "x"}, {"path": "b.mp4"}, {"path": "c.mp4"}])
+    assert read_manifest(tmp_path / "p.jsonl").column("id").to_pylist() == ["x", "b.mp4", "c.mp4"]
     write_jsonl(tmp_path / "d.jsonl", [{"path": "a.mp4"}, {"path": "a.mp4"}])
     with pytest.raises(ManifestError, match="duplicate ids.*a.mp4"):
         read_manifest(tmp_path / "d.jsonl")

@@ -8,20 +8,21 @@ import pytest
 from pipeline.tracking import search_runs
 from train.demo import DemoConfig, main
 
-STAGES = {"synth", "check", "video-tokenizer", "audio-tokenizer", "tokenize", "llm", "generate"}
+STAGES = {"synth", "check", "video-tokenizer", "audio-tokenizer", "tokenize", "llm", "generate", "eval"}
 
 
 @pytest.mark.heavy
 def test_demo_end_to_end(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--set", "clips=12", "--set", "prompts=2", "--set", "audio_samples=1",
                  "--set", "video_tokenizer.train.steps=2", "--set", "audio_tokenizer.train.steps=2",
-                 "--set", "llm.train.steps=2", "--set", "llm.train.eval_every=2", "--set", "synth.val_fraction=0.25"]) == 0
+                 "--set", "llm.train.steps=2", "--set", "llm.train.eval_every=2", "--set", "synth.val_fraction=0.25", "--set", "eval_samples=2"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["data_oracle"]["video"] >= 0.99 and summary["data_oracle"]["audio"] >= 0.99
     assert set(summary["adherence"]) == {"text_to_video", "video_to_audio"}
     assert summary["chance"]["all_attributes"] == pytest.approx(1 / 48)
     assert summary["tokenize"]["clips"] == 12 and summary["llm"]
     assert list((tmp_path / "samples").glob("t2v_*.mp4")) and list((tmp_path / "samples").glob("v2a_*.mp4"))
+    assert (tmp_path / "eval" / "metrics.json").exists() and (tmp_path / "eval" / "samples.parquet").exists()
     runs = {r.info.run_name: r for r in search_runs(summary["mlflow"]["tracking_uri"], "videopoet")}
     assert STAGES | {"demo"} <= set(runs)
     parent = runs["demo"].info.run_id

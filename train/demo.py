@@ -8,6 +8,8 @@ Stages, each a child MLflow run under one parent run:
   tokenize         the Ray Data tokenize job -> Parquet token shards
   llm              train the LLM on the shards (Ray Train + DeepSpeed ZeRO-3)
   generate         text-to-video and video-to-audio samples, scored by the oracle against their prompts
+  eval             the Ray evaluation stage on the synthetic prompts: FVD and CLIPSIM (random-init I3D and CLIP,
+                   labelled so), prompt adherence and audio-visual agreement by the oracle, logged to MLflow
 Figures go to DIR/summary.json (adherence per task next to its chance level, wall time per stage) and a table.
 Every section defaults to its app's `demo` flavor; `--set llm.train.steps=100` overrides on top of it.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.stage import EvalConfig, run_eval
 from pipeline.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
 from pipeline.generation import SamplingConfig, VideoPoet
 from pipeline.manifest import read_manifest
@@ -56,6 +59,8 @@ class DemoConfig:
         default_factory=_flavor(AudioTokenizerTrainConfig, AudioModality.kinds))
     tokenize: TokenizeConfig = field(default_factory=_flavor(TokenizeConfig, "tokenize"))
     llm: LLMTrainConfig = field(default_factory=_flavor(LLMTrainConfig, {"": "train_llm", "model": "llm"}))
+    eval: EvalConfig = field(default_factory=_flavor(EvalConfig, "eval"))
+    eval_samples: int = 24  # synthetic-world prompts the evaluation stage generates and scores
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -155,6 +160,9 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
         llm = stages.run("llm", lambda p: train_llm(cfg.llm, str(out / "shards"), out / "llm", parent=p),
                          own_run=True)
         figures = stages.run("generate", generate_stage(cfg, out, manifest), cfg.sampling)
+        evaluation = stages.run("eval", lambda p: run_eval(
+            replace(cfg.eval, max_samples=cfg.eval_samples), out / "llm", "synthetic", out / "eval", parent=p,
+            real=str(manifest)), own_run=True)
         summary = {
             "adherence": {"text_to_video": figures["text_to_video"]["all"],
                           "video_to_audio": figures["video_to_audio"]["all"]},
@@ -165,6 +173,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
             "tokenizers": {"video": video["metrics"], "audio": audio["metrics"]},
             "tokenize": {k: tokenized[k] for k in ("clips", "inputs_failed", "clips_per_s")},
             "llm": llm["metrics"],
+            "eval": str(out / "eval" / "metrics.json"),
             "stage_seconds": stages.seconds,
             "total_seconds": time.perf_counter() - began,
             "mlflow": {"tracking_uri": parent.uri, "run_id": parent.run_id},

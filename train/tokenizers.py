@@ -226,6 +226,8 @@ def train_loop(config: dict[str, Any]) -> None:
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
+        # Every random draw of the step (batch, RVQ restarts) follows (seed, step, rank), so a resume is exact.
+        torch.manual_seed(int(np.random.default_rng([cfg.seed, step, rank]).integers(2**62)))
         index = np.random.default_rng([cfg.seed, step, rank]).integers(len(data), size=cfg.batch_size)
         x = modality.inputs(data[index])
         out = ddp(x)

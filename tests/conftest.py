@@ -12,3 +12,27 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shards(ray_local, tmp_path_factory):
+    """Token shards of a 10-clip synthetic corpus through the debug tokenizers (random weights), for LLM training."""
+    # Imported here, so that a run of the light tests does not import the models and the tokenize job.
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.config import load_config
+    from pipeline.magvit import MagvitConfig, MagvitModel
+    from pipeline.quantizers import RVQConfig
+    from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
+    from pipeline.synth import SynthConfig, write_corpus
+    from tokenize_jobs.job import main as tokenize
+
+    root = tmp_path_factory.mktemp("llm-data")
+    write_corpus(root / "corpus", SynthConfig(width=48, height=32, fps=8, frames=17), 10, seed=0)
+    video = load_config(MagvitConfig, "debug", kind="video_tokenizer")
+    save_checkpoint(root / "video", MagvitModel(video), video)
+    audio = SoundStreamConfig(channels=4, latent_dim=8, quantizer=RVQConfig(levels=2, codebook_size=16))
+    save_checkpoint(root / "audio", SoundStreamModel(audio), audio)
+    assert tokenize(["--manifest", str(root / "corpus" / "manifest.jsonl"), "--out", str(root / "shards"),
+                     "--video-tokenizer", str(root / "video"), "--audio-tokenizer", str(root / "audio"),
+                     "--config", "debug"]) == 0
+    return root / "shards"

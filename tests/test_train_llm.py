@@ -7,31 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from pipeline.config import load_config
-from pipeline.magvit import MagvitConfig, MagvitModel
-from pipeline.quantizers import RVQConfig
-from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
-from pipeline.synth import SynthConfig, write_corpus
+from pipeline.checkpoint import load_checkpoint, read_metadata
 from pipeline.tracking import search_runs
-from tokenize_jobs.job import main as tokenize
 from train.cli import main
 
 pytestmark = pytest.mark.heavy
-
-
-@pytest.fixture(scope="module")
-def shards(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("llm-data")
-    write_corpus(root / "corpus", SynthConfig(width=48, height=32, fps=8, frames=17), 10, seed=0)
-    video = load_config(MagvitConfig, "debug", kind="video_tokenizer")
-    save_checkpoint(root / "video", MagvitModel(video), video)
-    audio = SoundStreamConfig(channels=4, latent_dim=8, quantizer=RVQConfig(levels=2, codebook_size=16))
-    save_checkpoint(root / "audio", SoundStreamModel(audio), audio)
-    assert tokenize(["--manifest", str(root / "corpus" / "manifest.jsonl"), "--out", str(root / "shards"),
-                     "--video-tokenizer", str(root / "video"), "--audio-tokenizer", str(root / "audio"),
-                     "--config", "debug"]) == 0
-    return root / "shards"
 
 
 def test_llm_trains_resumes_exactly_and_exports(shards, tmp_path):

@@ -15,6 +15,7 @@ clip by clip, from its frames.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import Tensor
 from pipeline.checkpoint import load_checkpoint, read_metadata
 from pipeline.config import from_dict
 from pipeline.magvit import tensor_to_video, video_to_tensor
+from pipeline.masking import DecodingConfig
 from pipeline.media import MediaConfig
 from pipeline.sampling import generate as sample
 from pipeline.sequence import TASKS, Layout, Task, build_prompt, central_mask, parse_sequence
@@ -75,8 +77,10 @@ def text_inputs(conditions: Sequence[TextCondition], device: torch.device | str 
 class SuperResStage:
     """One 2x stage: an export of `videopoet train sr`, the video tokenizer of its shards and its text conditioner."""
 
-    def __init__(self, model, video_tokenizer, text: TextConditioner, tokenizer_fingerprint: str, source: str):
+    def __init__(self, model, video_tokenizer, text: TextConditioner, tokenizer_fingerprint: str, source: str,
+                 decoding: DecodingConfig | None = None):
         self.model = model
+        self.decoding = decoding or model.config.decoding  # parallel-decoding steps, guidance and temperatures
         self.video_tokenizer = video_tokenizer
         self.text = text
         self.tokenizer_fingerprint = tokenizer_fingerprint
@@ -107,14 +111,15 @@ class SuperResStage:
 
     @torch.no_grad()
     def upsample(self, codes: np.ndarray, prompt: str | None = None, seed: int = 0) -> np.ndarray:
-        """Low-res codes (t, h, w) -> high-res codes (t, 2h, 2w), with the config's decoding steps and guidance."""
+        """Low-res codes (t, h, w) -> high-res codes (t, 2h, 2w) by guided parallel decoding (`self.decoding`)."""
         if tuple(codes.shape) != self.lr_grid:
             raise ValueError(f"super-resolution stage {self.source}: takes codes {self.lr_grid}, got {codes.shape}")
         device = next(self.model.parameters()).device
         text, text_mask = text_inputs(self.text.condition([prompt]) if prompt else [], device)
         generator = torch.Generator(device).manual_seed(seed)
         lr = torch.from_numpy(np.asarray(codes)).long()[None].to(device)
-        return self.model.generate(lr, text, text_mask, generator=generator)[0].cpu().numpy()
+        codes = self.model.generate(lr, text, text_mask, generator=generator, **dataclasses.asdict(self.decoding))
+        return codes[0].cpu().numpy()
 
     @torch.no_grad()
     def decode_video(self, codes: np.ndarray) -> np.ndarray:

@@ -88,13 +88,17 @@ def pairs_from_columns(columns: dict[str, list]) -> list[Pair]:
                                                             columns["caption"])]
 
 
-def draw_batch(pairs: list[Pair], text: TextConditioner, size: int, key: list[int], device: torch.device):
-    """`size` pairs drawn from `key` and the generator of their training corruptions, as the objective's inputs."""
+def draw_batch(pairs: list[Pair], text: TextConditioner, size: int, key: list[int], device: torch.device,
+               dtype: torch.dtype):
+    """`size` pairs drawn from `key` and the generator of their training corruptions, as the objective's inputs;
+    text embeddings in the engine's `dtype` (bf16 on GPU)."""
     rng = np.random.default_rng(key)
     picked = [pairs[i] for i in rng.integers(len(pairs), size=size)]
     hr = torch.from_numpy(np.stack([p.hr for p in picked])).to(device)
     lr = torch.from_numpy(np.stack([p.lr for p in picked])).to(device)
     words, words_mask = text_inputs(text.condition([p.caption for p in picked]), device)
+    if words is not None and words.is_floating_point():
+        words = words.to(dtype)
     generator = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
     return (hr, lr, words, words_mask), generator
 
@@ -116,6 +120,7 @@ def train_loop(config: dict[str, Any]) -> None:
     engine = build_engine(Objective(SuperResTransformer(app.model)), cfg, app.deepspeed)
     state = restore(engine)
     start = state["step"] if state else 0
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
     text = text_conditioner(app, config["words"])
     pairs = pairs_from_columns(shard_columns(ray.train.get_dataset_shard("train"), TOKEN_COLUMNS, rank, world_size))
@@ -133,7 +138,7 @@ def train_loop(config: dict[str, Any]) -> None:
         lr = set_lr(engine, step, cfg)
         for micro in range(accumulation):
             inputs, generator = draw_batch(pairs, text, cfg.batch_size, [cfg.seed, step * accumulation + micro, rank],
-                                           device)
+                                           device, dtype)
             loss, stats = engine(*inputs, generator=generator)
             engine.backward(loss)
             engine.step()
@@ -149,7 +154,7 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics = {**reduced, "tokens_per_s": reduced["tokens_per_s"] * world_size, "lr": lr}
             sums, batches, window_began = dict.fromkeys(STATS, 0.0), 0, time.perf_counter()
         if val_pairs and (done % cfg.eval_every == 0 or done == cfg.steps):
-            metrics.update(validate(engine, val_pairs, text, app, device))
+            metrics.update(validate(engine, val_pairs, text, app, device, dtype))
         if metrics:
             tracker.log_metrics(metrics, step=done)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -157,13 +162,14 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def validate(engine, pairs: list[Pair], text: TextConditioner, app: SRTrainConfig, device) -> dict[str, float]:
+def validate(engine, pairs: list[Pair], text: TextConditioner, app: SRTrainConfig, device,
+             dtype: torch.dtype) -> dict[str, float]:
     """Loss and token accuracy on held-out pairs: `val_batches` forwards on every rank, each on its own batches."""
     rank, _ = world()
     sums = dict.fromkeys(STATS, 0.0)
     engine.eval()
     for i in range(app.val_batches):
-        inputs, generator = draw_batch(pairs, text, app.train.batch_size, [app.train.seed, i, rank, 2], device)
+        inputs, generator = draw_batch(pairs, text, app.train.batch_size, [app.train.seed, i, rank, 2], device, dtype)
         _, stats = engine(*inputs, generator=generator)
         for k in STATS:
             sums[k] += stats[k].item() / app.val_batches

@@ -15,9 +15,8 @@ clip by clip, from its frames.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +117,7 @@ class SuperResStage:
         text, text_mask = text_inputs(self.text.condition([prompt]) if prompt else [], device)
         generator = torch.Generator(device).manual_seed(seed)
         lr = torch.from_numpy(np.asarray(codes)).long()[None].to(device)
-        codes = self.model.generate(lr, text, text_mask, generator=generator, **dataclasses.asdict(self.decoding))
+        codes = self.model.generate(lr, text, text_mask, generator=generator, **asdict(self.decoding))
         return codes[0].cpu().numpy()
 
     @torch.no_grad()

@@ -14,20 +14,14 @@ and every process under it (the local Ray: raylet, object store, workers), sampl
 checkpoints the flavor's tokenizers get random weights, which tokenize as fast as trained ones. With GPUs the
 job's clips/s per GPU is reported too. The last line printed is one JSON object.
 
-    python benchmarks/tokenize.py [--flavor demo] [--clips 96] [--rounds 2] [--video-tokenizer CKPT]
+    python benchmarks/tokenize_job.py [--flavor demo] [--clips 96] [--rounds 2] [--video-tokenizer CKPT]
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-# `python benchmarks/tokenize.py` puts this folder first on sys.path, where this file would shadow the standard
-# library's `tokenize` module (which torch imports through inspect and linecache).
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 import argparse
 import datetime
+import os
 import json
 import platform
 import tempfile

@@ -9,18 +9,15 @@ our time at D = 2,048 (the speed-up).
 BLAS runs on OPENBLAS_NUM_THREADS threads, 1 unless set: on an oversubscribed CPU, OpenBLAS's spinning threads
 make LAPACK 10-100x slower and both timings noise.
 
-    python benchmarks/eval.py [--rounds 3] [--clips 4] [--dims 400 2048]
+    python benchmarks/eval_metrics.py [--rounds 3] [--clips 4] [--dims 400 2048]
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads OpenBLAS
-# Run as a script, this file's folder heads sys.path and its name would shadow the `eval` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402

@@ -1,0 +1,253 @@
+"""Training step time: Ray Train `TorchTrainer` + DeepSpeed ZeRO-3 against a plain PyTorch loop, same model and batch.
+
+Both paths train `pipeline.llm.VideoPoetLM` (the `demo` flavor by default) with AdamW, gradient clipping and the
+warmup + cosine schedule of `train.runner.lr_at` on one fixed batch of text-to-video sequences built by
+`pipeline.sequence.build_sequence`: 8 caption words (or 64 text-embedding positions when the flavor has no word range)
+and a latent video of (5, 8, 8) codes for the demo's 64x64 clips, (5, 16, 16) for a paper-vocabulary flavor (17
+frames of 128x128): 337 and 1,353 tokens per sequence. The trainer path is the product's: `train.runner.fit` on one worker (gloo
+on the CPU, NCCL on a GPU) running `train.engine.build_engine` over `train.llm.Objective`. The plain path is the same
+model and `torch.optim.AdamW` in this process.
+
+Rounds alternate the two paths and flip their order each round, so load from other processes falls on both. Each
+round drops its first `--warmup` steps (allocator growth, DeepSpeed's first parameter gathers, CUDA kernel selection).
+Step time is taken inside the loop that trains (inside the Ray worker for the trainer): `ratio` = median trainer step
+/ median plain step, target <= 1.15. Wall time end to end (Ray start-up, worker start-up, DeepSpeed initialization)
+is reported separately.
+
+Threads: Ray sets a worker's OMP_NUM_THREADS, hence torch's intra-op threads, to the CPUs the worker reserves (1 by
+default), while a plain process uses every CPU. So the plain path runs torch on `--threads` threads and the trainer's
+worker reserves as many CPUs (`train.cpus_per_worker`); both report their `torch.get_num_threads()`. The default is 1
+thread: on a shared, oversubscribed CPU the OpenMP barriers of multi-threaded kernels wait on descheduled threads.
+
+On a GPU (`--device cuda`) both paths train in bf16 (autocast over fp32 weights for the plain loop, DeepSpeed's bf16
+for the trainer), and the JSON adds MFU (`train.flops`: model FLOPs per token over the measured bf16
+matmul peak). The last printed line is one JSON object with every figure.
+
+    python benchmarks/train_step.py [--flavor demo] [--batch 8] [--steps 6] [--warmup 2] [--rounds 3] [--threads 1]
+    python benchmarks/train_step.py --device cuda --flavor 300m --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+
+from pipeline.config import from_dict, load_config, to_dict
+from pipeline.llm import LLMConfig, VideoPoetLM
+from pipeline.sequence import Task, build_sequence
+from train.engine import DeepSpeedConfig, build_engine, set_lr
+from train.flops import matmul_peak_flops, transformer_flops_per_token
+from train.llm import Objective
+from train.mixture import collate
+from train.runner import TrainConfig, fit, lr_at
+
+WORDS = 8
+TEXT_EMBEDDINGS = 64
+
+
+def latent_for(cfg: LLMConfig) -> tuple[int, int, int]:
+    """The paper tokenizer's 128x128 latent for its 2^18 codebook, the demo tokenizer's 64x64 one otherwise."""
+    return (5, 16, 16) if cfg.vocab.video_codes == 2**18 else (5, 8, 8)
+
+
+def text_to_video_batch(cfg: LLMConfig, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`batch` text-to-video sequences of random codes, collated; `text_embeddings` (B, 64, text_width) when the
+    flavor conditions on a text encoder instead of words."""
+    rng = np.random.default_rng(seed)
+    latent = latent_for(cfg)
+    sequences = []
+    for _ in range(batch):
+        video = rng.integers(cfg.vocab.video_codes, size=latent)
+        if cfg.vocab.text_size:
+            sequences.append(build_sequence(Task.TEXT_TO_VIDEO, cfg.vocab, video,
+                                            text=rng.integers(cfg.vocab.text_size, size=WORDS)))
+        else:
+            sequences.append(build_sequence(Task.TEXT_TO_VIDEO, cfg.vocab, video, text_embeddings=TEXT_EMBEDDINGS))
+    collated = collate(sequences)
+    if not cfg.vocab.text_size:
+        collated["text_embeddings"] = rng.standard_normal((batch, TEXT_EMBEDDINGS, cfg.text_width), np.float32)
+    return collated
+
+
+def tensors(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, ...]:
+    ids = torch.from_numpy(batch["ids"]).to(device)
+    prefix_len = torch.from_numpy(batch["prefix_len"]).to(device)
+    loss_mask = torch.from_numpy(batch["loss_mask"] > 0).to(device)
+    embeddings = batch.get("text_embeddings")
+    return ids, prefix_len, loss_mask, None if embeddings is None else torch.from_numpy(embeddings).to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------- the two paths
+
+def plain_steps(model_cfg: LLMConfig, train: TrainConfig, batch: dict[str, np.ndarray], steps: int,
+                device: torch.device) -> tuple[list[float], float]:
+    """Seconds per step of a bare PyTorch loop, and the wall time from model construction to the last step."""
+    began = time.perf_counter()
+    torch.manual_seed(train.seed)
+    model = VideoPoetLM(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+    inputs = tensors(batch, device)
+    times = []
+    for step in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, train)
+        with torch.autocast(device.type, torch.bfloat16, enabled=train.use_gpu):
+            loss, _ = model.loss(*inputs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - start)
+    wall = time.perf_counter() - began
+    if device.type == "cuda":
+        del model, optimizer
+        torch.cuda.empty_cache()  # the trainer's worker shares the GPU
+    return times, wall
+
+
+def trainer_loop(config: dict[str, Any]) -> None:
+    """The Ray Train worker: DeepSpeed over the LM's loss, timing each step; reports the times once at the end."""
+    model_cfg = from_dict(LLMConfig, config["model"])
+    train = from_dict(TrainConfig, config["train"])
+    device = torch.device("cuda", torch.cuda.current_device()) if train.use_gpu else torch.device("cpu")
+    torch.manual_seed(train.seed)
+    engine = build_engine(Objective(VideoPoetLM(model_cfg)), train, from_dict(DeepSpeedConfig, config["deepspeed"]))
+    inputs = tensors(config["batch"], device)
+    times = []
+    for step in range(train.steps):
+        synchronize(device)
+        start = time.perf_counter()
+        set_lr(engine, step, train)
+        loss, _ = engine(*inputs)
+        engine.backward(loss)
+        engine.step()
+        loss.item()
+        times.append(time.perf_counter() - start)
+    # Ray Train keeps only metrics reported with a checkpoint, so the times travel with an (empty) one.
+    with tempfile.TemporaryDirectory() as folder:
+        ray.train.report({"step_times": times, "threads": torch.get_num_threads()},
+                         checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def trainer_steps(name: str, model_cfg: LLMConfig, train: TrainConfig, batch: dict[str, np.ndarray],
+                  out_dir: str) -> tuple[list[float], int, float]:
+    """Seconds per step inside the worker, the worker's torch threads, and the wall time of the whole `fit`."""
+    began = time.perf_counter()
+    config = {"model": to_dict(model_cfg), "train": to_dict(train), "deepspeed": to_dict(DeepSpeedConfig()),
+              "batch": batch}
+    result = fit(name, trainer_loop, config, train, out_dir)
+    return result.metrics["step_times"], result.metrics["threads"], time.perf_counter() - began
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def median_ms(times: list[float]) -> float:
+    return round(1000 * statistics.median(times), 1)
+
+
+def mfu_figures(model_cfg: LLMConfig, tokens: int, batch: int, steps: dict[str, list[float]],
+                device: torch.device) -> dict[str, float]:
+    """MFU of each path: model FLOPs per token (at the batch's mean length) x tokens/s over the bf16 matmul peak."""
+    flops = transformer_flops_per_token(model_cfg, tokens / batch)
+    peak = matmul_peak_flops(device, torch.bfloat16)
+    figures = {"peak_tflops": round(peak / 1e12, 1)}
+    for path, times in steps.items():
+        figures[f"{path}_mfu"] = round(tokens / statistics.median(times) * flops / peak, 4)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--flavor", default="demo", help="LLM flavor or config TOML (default: demo)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="LLM config override")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (default: the demo's 8)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per round and path")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every round and path")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("TORCH_THREADS", "1")),
+                        help="torch threads of the plain loop (default 1, or $TORCH_THREADS)")
+    parser.add_argument("--worker-cpus", type=int,
+                        help="CPUs the trainer's worker reserves, hence its torch threads (default: --threads)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    use_gpu = device.type == "cuda"
+    model_cfg = load_config(LLMConfig, args.flavor, args.set, kind="llm")
+    train = replace(TrainConfig(), steps=args.warmup + args.steps, batch_size=args.batch, workers=1,
+                    use_gpu=use_gpu, cpus_per_worker=args.worker_cpus or args.threads)
+    batch = text_to_video_batch(model_cfg, args.batch)
+    tokens = int(batch["lengths"].sum())
+    torch.set_num_threads(args.threads)
+
+    began = time.perf_counter()
+    ray.init(num_cpus=max(os.cpu_count(), train.cpus_per_worker), include_dashboard=False, log_to_driver=False)
+    ray_start_s = time.perf_counter() - began
+    steps: dict[str, list[float]] = {"plain": [], "trainer": []}
+    walls: dict[str, list[float]] = {"plain": [], "trainer": []}
+    worker_threads = set()
+    with tempfile.TemporaryDirectory() as out_dir:
+        for round_ in range(args.rounds):
+            for path in ("plain", "trainer") if round_ % 2 == 0 else ("trainer", "plain"):
+                if path == "plain":
+                    times, wall = plain_steps(model_cfg, train, batch, train.steps, device)
+                else:
+                    times, threads, wall = trainer_steps(f"round{round_}", model_cfg, train, batch, out_dir)
+                    worker_threads.add(threads)
+                steps[path] += times[args.warmup:]
+                walls[path].append(wall)
+                print(f"round {round_} {path}: median step {median_ms(times[args.warmup:])} ms, {wall:.1f} s in all",
+                      flush=True)
+    ray.shutdown()
+
+    with torch.device("meta"):
+        params = VideoPoetLM(model_cfg).num_params()
+    result: dict[str, Any] = {
+        "benchmark": "train_step", "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "device": torch.cuda.get_device_name(device) if use_gpu else "cpu", "flavor": args.flavor,
+        "overrides": args.set, "params": params, "batch": args.batch, "tokens_per_step": tokens,
+        "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+        "threads_plain": torch.get_num_threads(), "threads_trainer": sorted(worker_threads),
+        "plain_step_ms": median_ms(steps["plain"]), "trainer_step_ms": median_ms(steps["trainer"]),
+        "ratio": round(statistics.median(steps["trainer"]) / statistics.median(steps["plain"]), 3),
+        "plain_tokens_per_s": round(tokens / statistics.median(steps["plain"])),
+        "trainer_tokens_per_s": round(tokens / statistics.median(steps["trainer"])),
+        "ray_start_s": round(ray_start_s, 2),
+        "plain_wall_s": round(statistics.median(walls["plain"]), 2),
+        "trainer_wall_s": round(statistics.median(walls["trainer"]), 2),
+    }
+    if use_gpu:
+        result.update(mfu_figures(model_cfg, tokens, args.batch, steps, device))
+    print(f"{args.flavor} ({params / 1e6:.1f}M parameters, {result['device']}, {tokens} tokens per step): plain "
+          f"{result['plain_step_ms']} ms/step on {result['threads_plain']} threads, TorchTrainer + ZeRO-3 "
+          f"{result['trainer_step_ms']} ms/step on {result['threads_trainer']}: ratio {result['ratio']}; wall per run "
+          f"{result['plain_wall_s']} s plain, {result['trainer_wall_s']} s trainer (+ {result['ray_start_s']} s Ray "
+          "start-up)")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -61,7 +61,11 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig) -> dict[str, Any]:
 
 def build_engine(model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig):
     import deepspeed
+    import ray.train
 
+    # DeepSpeed's own launcher exports LOCAL_SIZE (ranks per node). Without it, its CPU accelerator counts NUMA nodes
+    # by running `numactl` at every ZeRO-3 gradient reduce: a subprocess per step.
+    os.environ.setdefault("LOCAL_SIZE", str(ray.train.get_context().get_local_world_size()))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad],
                                            config=deepspeed_config(train, ds))

@@ -36,3 +36,37 @@ def shards(ray_local, tmp_path_factory):
                      "--video-tokenizer", str(root / "video"), "--audio-tokenizer", str(root / "audio"),
                      "--config", "debug"]) == 0
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def llm_export(tmp_path_factory):
+    """Build a random-init LLM export over random debug tokenizers: `llm_export(captions, media) -> root`, with the
+    model in root/run/model as `videopoet train llm` exports it (words, tokenizer record, media settings)."""
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.config import load_config, to_dict
+    from pipeline.llm import LLMConfig, VideoPoetLM
+    from pipeline.magvit import MagvitConfig, MagvitModel
+    from pipeline.quantizers import RVQConfig
+    from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
+    from pipeline.text import WordVocabulary
+    from pipeline.vocab import Vocabulary
+
+    def build(captions, media):
+        root = tmp_path_factory.mktemp("export")
+        video = load_config(MagvitConfig, "debug", kind="video_tokenizer")
+        save_checkpoint(root / "video", MagvitModel(video), video)
+        audio = SoundStreamConfig(channels=4, latent_dim=8, quantizer=RVQConfig(levels=2, codebook_size=16))
+        save_checkpoint(root / "audio", SoundStreamModel(audio), audio)
+        words = WordVocabulary.build(captions)
+        vocab = Vocabulary(video_codes=2 ** video.quantizer.bits, audio_levels=2, audio_codes=16,
+                           text_size=words.size)
+        cfg = load_config(LLMConfig, "debug", [], kind="llm")
+        cfg = LLMConfig(**{**cfg.__dict__, "vocab": vocab})
+        tokenizers = {"video": {"location": str(root / "video")}, "audio": {"location": str(root / "audio")}}
+        save_checkpoint(root / "run" / "model", VideoPoetLM(cfg), cfg,
+                        extra={"tokenizers": tokenizers, "media": {"media": to_dict(media)}})
+        words.save(root / "run" / "model" / "words.json")
+        return root
+
+    return build
+

@@ -18,18 +18,11 @@ from eval.fvd import frechet_distance
 from eval.oracle_classifier import UNREADABLE, OracleAttributeClassifier
 from eval.prompts import load_prompts, render_condition, sample_rows
 from eval.stage import EvalConfig, main
-from pipeline.checkpoint import save_checkpoint
-from pipeline.config import load_config, to_dict
-from pipeline.llm import LLMConfig, VideoPoetLM
-from pipeline.magvit import MagvitConfig, MagvitModel
+from pipeline.config import load_config
 from pipeline.media import MediaConfig
 from pipeline.oracle import read_attributes
-from pipeline.quantizers import RVQConfig
-from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.synth import SynthConfig, attribute_schedule, caption, plan, render_video, write_corpus
-from pipeline.text import WordVocabulary
 from pipeline.tracking import TrackingConfig, search_runs, start_run
-from pipeline.vocab import Vocabulary
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real"
 MEDIA = MediaConfig(height=32, width=32)
@@ -41,22 +34,8 @@ TINY_CLIP = {
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """A random-init LLM export over the debug tokenizers, as tests/test_generate.py builds it."""
-    root = tmp_path_factory.mktemp("export")
-    video = load_config(MagvitConfig, "debug", kind="video_tokenizer")
-    save_checkpoint(root / "video", MagvitModel(video), video)
-    audio = SoundStreamConfig(channels=4, latent_dim=8, quantizer=RVQConfig(levels=2, codebook_size=16))
-    save_checkpoint(root / "audio", SoundStreamModel(audio), audio)
-    words = WordVocabulary.build([caption(a) for a in attribute_schedule(0, 48)])
-    vocab = Vocabulary(video_codes=2 ** video.quantizer.bits, audio_levels=2, audio_codes=16, text_size=words.size)
-    cfg = load_config(LLMConfig, "debug", [], kind="llm")
-    cfg = LLMConfig(**{**cfg.__dict__, "vocab": vocab})
-    tokenizers = {"video": {"location": str(root / "video")}, "audio": {"location": str(root / "audio")}}
-    save_checkpoint(root / "run" / "model", VideoPoetLM(cfg), cfg,
-                    extra={"tokenizers": tokenizers, "media": {"media": to_dict(MEDIA)}})
-    words.save(root / "run" / "model" / "words.json")
-    return root
+def export(llm_export):
+    return llm_export([caption(a) for a in attribute_schedule(0, 48)], MEDIA)
 
 
 @pytest.fixture(scope="module")

@@ -8,36 +8,22 @@ import pytest
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import load_config, to_dict
 from pipeline.generation import SamplingConfig, VideoPoet
-from pipeline.llm import LLMConfig, VideoPoetLM
-from pipeline.magvit import MagvitConfig, MagvitModel
+from pipeline.magvit import MagvitConfig
 from pipeline.masking import DecodingConfig
 from pipeline.media import MediaConfig, decode, write_video
-from pipeline.quantizers import RVQConfig
 from pipeline.sequence import Task
-from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.superres import SuperResConfig, SuperResTransformer
 from pipeline.text import TextConfig, WordVocabulary
-from pipeline.vocab import Vocabulary
 from train.generate import main
 
 MEDIA = MediaConfig(height=32, width=32)
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
+def export(llm_export):
+    root = llm_export(["a red circle moving left", "a blue square moving up"], MEDIA)
     video = load_config(MagvitConfig, "debug", kind="video_tokenizer")
-    save_checkpoint(root / "video", MagvitModel(video), video)
-    audio = SoundStreamConfig(channels=4, latent_dim=8, quantizer=RVQConfig(levels=2, codebook_size=16))
-    save_checkpoint(root / "audio", SoundStreamModel(audio), audio)
-    words = WordVocabulary.build(["a red circle moving left", "a blue square moving up"])
-    vocab = Vocabulary(video_codes=2 ** video.quantizer.bits, audio_levels=2, audio_codes=16, text_size=words.size)
-    cfg = load_config(LLMConfig, "debug", [], kind="llm")
-    cfg = LLMConfig(**{**cfg.__dict__, "vocab": vocab})
-    tokenizers = {"video": {"location": str(root / "video")}, "audio": {"location": str(root / "audio")}}
-    save_checkpoint(root / "run" / "model", VideoPoetLM(cfg), cfg,
-                    extra={"tokenizers": tokenizers, "media": {"media": to_dict(MEDIA)}})
-    words.save(root / "run" / "model" / "words.json")
+    words = WordVocabulary.load(root / "run" / "model" / "words.json")
     # A 2x super-resolution stage on the same tokenizer: (5, 4, 4) -> (5, 8, 8) codes, i.e. 32x32 -> 64x64 frames.
     sr = SuperResConfig(grid=(5, 8, 8), windows=((1, 8, 2), (1, 2, 8), (5, 2, 2)), bits=video.quantizer.bits,
                         width=16, heads=2, blocks=1, mlp_ratio=2, text_dim=8, text_vocab=words.size,

@@ -1,8 +1,9 @@
 """MAGVIT-v2 video tokenizer: a causal 3D CNN encoder and decoder around lookup-free quantization (LFQ).
 
 Layout: videos are float tensors in [-1, 1] shaped (B, 3, T, H, W), channels first as torch convolutions want them
-(`video_to_tensor` converts decoded uint8 frames (B, T, H, W, 3)). T must be 1 + 4k and H, W multiples of 8; codes are
-int64 (B, t, h, w) with t = 1 + k, h = H / 8, w = W / 8, values in [0, 2^bits). 17x128x128 -> (5, 16, 16).
+(`video_to_tensor` converts decoded uint8 frames (B, T, H, W, 3)). With the paper's four levels (8x spatial, 4x
+temporal compression) T must be 1 + 4k and H, W multiples of 8; codes are int64 (B, t, h, w) with t = 1 + k,
+h = H / 8, w = W / 8, values in [0, 2^bits): 17x128x128 -> (5, 16, 16). Fewer levels compress less (`latent_shape`).
 
 Causality: temporal convolutions pad the past only (with zeros) and group norms normalize each frame on its own, so
 latent frame j sees input frames <= 4j and the first frame is encoded by itself. An image (T = 1) is a valid input:
@@ -344,7 +345,8 @@ class MagvitModel(nn.Module):
         return rearrange(y, "b t c h w -> b c t h w")
 
     def decode(self, codes: Tensor) -> Tensor:
-        """Codes (B, t, h, w) -> video (B, 3, 1 + 4(t-1), 8h, 8w), roughly in [-1, 1] (not clamped)."""
+        """Codes (B, t, h, w) -> video (B, 3, 1 + r(t-1), sh, sw) for temporal and spatial factors r and s, roughly in
+        [-1, 1] (not clamped)."""
         self.check_codes(codes)
         return self.decode_latent(self.quantizer.decode_codes(codes.long()))
 

@@ -5,23 +5,30 @@ import json
 
 import pytest
 
+from pipeline.media import MediaConfig, decode
 from pipeline.tracking import search_runs
 from train.demo import DemoConfig, main
 
-STAGES = {"synth", "check", "video-tokenizer", "audio-tokenizer", "tokenize", "llm", "generate", "eval"}
+STAGES = {"synth", "check", "video-tokenizer", "audio-tokenizer", "tokenize", "llm", "sr", "generate", "eval"}
 
 
 @pytest.mark.heavy
 def test_demo_end_to_end(tmp_path, capsys):
-    assert main(["--out", str(tmp_path), "--set", "clips=12", "--set", "prompts=2", "--set", "audio_samples=1",
-                 "--set", "video_tokenizer.train.steps=2", "--set", "audio_tokenizer.train.steps=2",
-                 "--set", "llm.train.steps=2", "--set", "llm.train.eval_every=2", "--set", "synth.val_fraction=0.25", "--set", "eval_samples=2"]) == 0
+    settings = ["clips=12", "prompts=2", "audio_samples=1", "sr_samples=1", "video_tokenizer.train.steps=2",
+                "audio_tokenizer.train.steps=2", "llm.train.steps=2", "llm.train.eval_every=2",
+                "superres.train.steps=2", "superres.train.eval_every=2", "synth.val_fraction=0.25", "eval_samples=2"]
+    assert main(["--out", str(tmp_path), *(a for s in settings for a in ("--set", s))]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["data_oracle"]["video"] >= 0.99 and summary["data_oracle"]["audio"] >= 0.99
-    assert set(summary["adherence"]) == {"text_to_video", "video_to_audio"}
+    assert set(summary["adherence"]) == {"text_to_video", "text_to_video_2x", "video_to_audio"}
     assert summary["chance"]["all_attributes"] == pytest.approx(1 / 48)
     assert summary["tokenize"]["clips"] == 12 and summary["llm"]
-    assert list((tmp_path / "samples").glob("t2v_*.mp4")) and list((tmp_path / "samples").glob("v2a_*.mp4"))
+    assert summary["superres"]
+    for pattern in ("t2v_*.mp4", "v2a_*.mp4", "sr_*.mp4"):
+        assert list((tmp_path / "samples").glob(pattern)), pattern
+    (side_by_side,) = (tmp_path / "samples").glob("sr_*.mp4")
+    frames = decode(str(side_by_side), MediaConfig(height=64, width=128, clip_frames=17)).clips[0].frames
+    assert frames.shape == (17, 64, 128, 3)  # 32x32 enlarged 2x, next to the 2x stage's 64x64
     assert (tmp_path / "eval" / "metrics.json").exists() and (tmp_path / "eval" / "samples.parquet").exists()
     runs = {r.info.run_name: r for r in search_runs(summary["mlflow"]["tracking_uri"], "videopoet")}
     assert STAGES | {"demo"} <= set(runs)
@@ -32,7 +39,7 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 def test_flavor_defaults_survive_overrides(tmp_path):
     base = DemoConfig()
-    assert base.llm.train.steps > 2 and base.video_tokenizer.media.width == 64
+    assert base.llm.train.steps > 2 and base.video_tokenizer.media.width == 32 and base.tokenize.hr
     from pipeline.config import apply_overrides, from_dict, to_dict
 
     cfg = from_dict(DemoConfig, apply_overrides(to_dict(base), ["llm.train.steps=2"]))

@@ -7,7 +7,9 @@ Stages, each a child MLflow run under one parent run:
   audio_tokenizer  train SoundStream (Ray Train)
   tokenize         the Ray Data tokenize job -> Parquet token shards
   llm              train the LLM on the shards (Ray Train + DeepSpeed ZeRO-3)
-  generate         text-to-video and video-to-audio samples, scored by the oracle against their prompts
+  superres         train one 2x super-resolution stage on the shards' 2x tokens (Ray Train + DeepSpeed ZeRO-3)
+  generate         text-to-video and video-to-audio samples, scored by the oracle against their prompts; the first
+                   text-to-video samples also through the 2x stage, written low- and high-resolution side by side
   eval             the Ray evaluation stage on the synthetic prompts: FVD and CLIPSIM (random-init I3D and CLIP,
                    labelled so), prompt adherence and audio-visual agreement by the oracle, logged to MLflow
 Figures go to DIR/summary.json (adherence per task next to its chance level, wall time per stage) and a table.
@@ -35,6 +37,7 @@ from pipeline.synth import COLORS, MOTIONS, SHAPES, SynthConfig, caption, write_
 from pipeline.tracking import TrackingConfig, start_run
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob
 from train.llm import LLMTrainConfig, train_llm
+from train.superres import SRTrainConfig, train_sr
 from train.tokenizers import AudioModality, AudioTokenizerTrainConfig, VideoModality, VideoTokenizerTrainConfig, \
     train_tokenizer
 
@@ -51,14 +54,18 @@ class DemoConfig:
     seed: int = 0
     prompts: int = 48  # text-to-video samples: every attribute combination once
     audio_samples: int = 16  # video-to-audio samples, on held-out clips
+    sr_samples: int = 8  # text-to-video samples also upsampled by the 2x stage (scored by the oracle at 2x)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, top_k=16))
     synth: SynthConfig = field(default_factory=SynthConfig)
     video_tokenizer: VideoTokenizerTrainConfig = field(
         default_factory=_flavor(VideoTokenizerTrainConfig, VideoModality.kinds))
     audio_tokenizer: AudioTokenizerTrainConfig = field(
         default_factory=_flavor(AudioTokenizerTrainConfig, AudioModality.kinds))
-    tokenize: TokenizeConfig = field(default_factory=_flavor(TokenizeConfig, "tokenize"))
+    # with the 2x tokens the super-resolution stage trains on
+    tokenize: TokenizeConfig = field(
+        default_factory=lambda: replace(load_config(TokenizeConfig, "demo", kind="tokenize"), hr=True))
     llm: LLMTrainConfig = field(default_factory=_flavor(LLMTrainConfig, {"": "train_llm", "model": "llm"}))
+    superres: SRTrainConfig = field(default_factory=_flavor(SRTrainConfig, {"": "train_sr", "model": "superres"}))
     eval: EvalConfig = field(default_factory=_flavor(EvalConfig, "eval"))
     eval_samples: int = 24  # synthetic-world prompts the evaluation stage generates and scores
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -103,22 +110,27 @@ def check_stage(cfg: DemoConfig, manifest: Path):
 
 def generate_stage(cfg: DemoConfig, out: Path, manifest: Path):
     def run(tracker):
-        poet = VideoPoet.load(out / "llm" / "model")
+        poet = VideoPoet.load(out / "llm" / "model", sr=[out / "sr" / "model"])
         samples = out / "samples"
         samples.mkdir(exist_ok=True)
         rng = np.random.default_rng(cfg.seed)
         combos = [dict(zip(ATTRIBUTES, c)) for c in np.array(np.meshgrid(SHAPES, COLORS, MOTIONS, indexing="ij"))
                   .reshape(3, -1).T.tolist()]
         prompts = [combos[i] for i in rng.permutation(len(combos))[: cfg.prompts]]
-        reads = []
+        reads, high_reads = [], []
         for i, attributes in enumerate(prompts):
+            name = f"{i}_{caption(attributes).replace(' ', '_')}"
             result = poet.generate("text_to_video", prompt=caption(attributes),
                                    sampling=replace(cfg.sampling, seed=cfg.seed + i))
             reads.append(read_video_attributes(result.frames))
             if i < 4:
-                path = samples / f"t2v_{i}_{caption(attributes).replace(' ', '_')}.mp4"
-                write_video(str(path), result.frames, poet.media.fps)
+                write_video(str(samples / f"t2v_{name}.mp4"), result.frames, poet.media.fps)
+            if i < cfg.sr_samples:
+                _, high = poet.upsample(result.video_codes, caption(attributes), seed=cfg.seed + i)
+                high_reads.append(read_video_attributes(high))
+                write_video(str(samples / f"sr_{name}.mp4"), side_by_side(result.frames, high), poet.media.fps)
         t2v = score(reads, prompts)
+        t2v_sr = score(high_reads, prompts[: len(high_reads)])
 
         held_out = [r for r in read_manifest(manifest).to_pylist() if r.get("split") == "val"][: cfg.audio_samples]
         audio_reads, audio_expected, reconstructed = [], [], []
@@ -137,11 +149,20 @@ def generate_stage(cfg: DemoConfig, out: Path, manifest: Path):
                             poet.media.sample_rate)
         v2a = score(audio_reads, audio_expected)
         tokens = score_av(reconstructed, audio_expected)
-        figures = {"text_to_video": t2v, "video_to_audio": v2a, "tokenizer_roundtrip": tokens}
+        figures = {"text_to_video": t2v, "text_to_video_2x": t2v_sr, "video_to_audio": v2a,
+                   "tokenizer_roundtrip": tokens}
         tracker.log_metrics({f"{task}.{k}": v for task, scores in figures.items() for k, v in scores.items()})
         tracker.log_artifact(samples, "samples")
         return figures
     return run
+
+
+def side_by_side(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Low-res frames enlarged by pixel repetition (no smoothing, so the stage's own detail shows) left of the
+    high-res frames."""
+    factor = high.shape[1] // low.shape[1]
+    enlarged = low.repeat(factor, axis=1).repeat(factor, axis=2)
+    return np.concatenate([enlarged, high], axis=2)
 
 
 def run_demo(cfg: DemoConfig, out: Path) -> dict:
@@ -159,12 +180,15 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
         tokenized = stages.run("tokenize", lambda run: _tokenize(cfg, out, manifest, video, audio, run), cfg.tokenize)
         llm = stages.run("llm", lambda p: train_llm(cfg.llm, str(out / "shards"), out / "llm", parent=p),
                          own_run=True)
+        superres = stages.run("superres", lambda p: train_sr(cfg.superres, str(out / "shards"), out / "sr", parent=p),
+                              own_run=True)
         figures = stages.run("generate", generate_stage(cfg, out, manifest), cfg.sampling)
-        evaluation = stages.run("eval", lambda p: run_eval(
+        stages.run("eval", lambda p: run_eval(
             replace(cfg.eval, max_samples=cfg.eval_samples), out / "llm", "synthetic", out / "eval", parent=p,
             real=str(manifest)), own_run=True)
         summary = {
             "adherence": {"text_to_video": figures["text_to_video"]["all"],
+                          "text_to_video_2x": figures["text_to_video_2x"]["all"],
                           "video_to_audio": figures["video_to_audio"]["all"]},
             "chance": {"all_attributes": CHANCE_ALL, "shape": 1 / len(SHAPES), "color": 1 / len(COLORS),
                        "motion": 1 / len(MOTIONS)},
@@ -173,6 +197,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
             "tokenizers": {"video": video["metrics"], "audio": audio["metrics"]},
             "tokenize": {k: tokenized[k] for k in ("clips", "inputs_failed", "clips_per_s")},
             "llm": llm["metrics"],
+            "superres": superres["metrics"],
             "eval": str(out / "eval" / "metrics.json"),
             "stage_seconds": stages.seconds,
             "total_seconds": time.perf_counter() - began,
@@ -204,7 +229,7 @@ def print_summary(summary: dict, out: Path) -> None:
     print(f"\nvideopoet demo: prompt adherence measured by the synthetic world's oracle "
           f"(chance for all three attributes: {summary['chance']['all_attributes']:.1%})")
     print(f"{'':<22} {'shape':>7} {'color':>7} {'motion':>7} {'all':>7}")
-    for name in ("text_to_video", "video_to_audio"):
+    for name in ("text_to_video", "text_to_video_2x", "video_to_audio"):
         s = scores[name]
         print(f"{name:<22} " + " ".join(f"{s[a]:>7.1%}" for a in (*ATTRIBUTES, "all")))
     tokens = scores["tokenizer_roundtrip"]

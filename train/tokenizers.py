@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import wave
@@ -55,6 +56,15 @@ class AudioTokenizerTrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     val_clips: int = 16
     samples: int = 4
+    # Train on random crops of this many latent frames (0: whole clips). The networks are convolutional, so short
+    # crops buy more optimizer steps for the same compute; on the synthetic world 0.4 s crops reach in 4 minutes the
+    # SI-SNR that whole 2.125 s clips do not reach in 10.
+    crop_frames: int = 0
+
+    def __post_init__(self):
+        if self.crop_frames < 0:
+            raise ValueError(f"AudioTokenizerTrainConfig.crop_frames must be >= 0 (0: whole clips), "
+                             f"got {self.crop_frames}")
 
 
 # ---------------------------------------------------------------------------------------------------- modalities
@@ -81,6 +91,10 @@ class VideoModality:
     @staticmethod
     def inputs(data: np.ndarray) -> torch.Tensor:
         return video_to_tensor(data)
+
+    @staticmethod
+    def batch(data: np.ndarray, index: np.ndarray, app: Any, rng: np.random.Generator) -> torch.Tensor:
+        return video_to_tensor(data[index])
 
     @staticmethod
     @torch.no_grad()
@@ -128,6 +142,16 @@ class AudioModality:
     @staticmethod
     def inputs(data: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(data, np.float32))
+
+    @staticmethod
+    def batch(data: np.ndarray, index: np.ndarray, app: Any, rng: np.random.Generator) -> torch.Tensor:
+        """Clips `index`, each cut to a random hop-aligned window of `app.crop_frames` latent frames."""
+        hop = math.prod(app.model.strides)
+        length = app.crop_frames * hop
+        if not length or length >= data.shape[1]:
+            return AudioModality.inputs(data[index])
+        starts = rng.integers((data.shape[1] - length) // hop + 1, size=len(index)) * hop
+        return AudioModality.inputs(data[index[:, None], starts[:, None] + np.arange(length)])
 
     @staticmethod
     @torch.no_grad()
@@ -228,8 +252,8 @@ def train_loop(config: dict[str, Any]) -> None:
             group["lr"] = lr_at(step, cfg)
         # Every random draw of the step (batch, RVQ restarts) follows (seed, step, rank), so a resume is exact.
         torch.manual_seed(int(np.random.default_rng([cfg.seed, step, rank]).integers(2**62)))
-        index = np.random.default_rng([cfg.seed, step, rank]).integers(len(data), size=cfg.batch_size)
-        x = modality.inputs(data[index])
+        rng = np.random.default_rng([cfg.seed, step, rank])
+        x = modality.batch(data, rng.integers(len(data), size=cfg.batch_size), app, rng)
         out = ddp(x)
         loss, terms = model.objective(x, out)
         optimizer.zero_grad(set_to_none=True)

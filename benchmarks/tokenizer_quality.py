@@ -3,8 +3,8 @@
 Every file is decoded with the media module at the clip settings the video tokenizer was trained with (frame size,
 8 fps, 17-frame clips, 16 kHz mono); each clip goes through encode -> decode and is compared with its decoded input
 (`pipeline.metrics`: PSNR over uint8 pixels of whole clips, SSIM per frame, SI-SNR with both signals mean-removed).
-Files that yield no clip are listed with their error and skipped (the clips decoded before damage count); files without sound get no SI-SNR. The last line is
-one JSON object: per file and over all clips (PSNR of the pooled squared error, SI-SNR averaged over clips).
+Audio-only files are cut into clip-length windows for SI-SNR; files that yield nothing are listed with their error
+and skipped (the clips decoded before damage count); silent clips get no SI-SNR. The last line is one JSON object: per file and over all clips (PSNR of the pooled squared error, SI-SNR averaged over clips).
 
     python benchmarks/tokenizer_quality.py --video-tokenizer RUN/video_tokenizer/tokenizer \
         [--audio-tokenizer RUN/audio_tokenizer/tokenizer] FILE_OR_FOLDER... [--max-clips 4]
@@ -23,7 +23,7 @@ import torch
 from pipeline.checkpoint import load_checkpoint, read_metadata
 from pipeline.config import from_dict
 from pipeline.magvit import tensor_to_video, video_to_tensor
-from pipeline.media import MediaConfig, decode
+from pipeline.media import MediaConfig, decode, decode_audio
 from pipeline.metrics import psnr, si_snr, ssim
 
 
@@ -33,6 +33,14 @@ def media_files(paths: list[str]) -> list[Path]:
         files += sorted(f for f in p.iterdir() if f.suffix.lower() not in (".md", ".jsonl", ".json")) \
             if p.is_dir() else [p]
     return files
+
+
+def audio_clips(path: str, media: MediaConfig) -> list[np.ndarray]:
+    """Consecutive clip-length windows of an audio-only file (at most `media.max_clips`, 0: all)."""
+    samples = decode_audio(path, media.sample_rate)
+    count = len(samples) // media.clip_samples
+    count = min(count, media.max_clips) if media.max_clips else count
+    return [samples[i * media.clip_samples: (i + 1) * media.clip_samples] for i in range(count)]
 
 
 def training_media(tokenizer_dir: Path) -> MediaConfig:
@@ -59,24 +67,31 @@ def main(argv: list[str] | None = None) -> int:
     squared, pixels, snrs = 0.0, 0, []
     for path in media_files(args.inputs):
         result = decode(str(path), media)
-        clips = result.clips
-        if not clips:
+        row = {"clips": len(result.clips)}
+        sound = [c.audio for c in result.clips if c.audio is not None]
+        if result.clips:
+            frames = np.stack([c.frames for c in result.clips])
+            recon = tensor_to_video(video.decode(video.encode(video_to_tensor(frames)))).numpy()
+            row.update(psnr=psnr(frames, recon), ssim=ssim(frames, recon))
+            squared += float(np.sum((frames.astype(np.float64) - recon) ** 2))
+            pixels += frames.size
+        elif audio is not None and result.info is not None and result.info.has_audio:
+            sound = audio_clips(str(path), media)  # an audio-only file
+        sound = [a for a in sound if np.abs(a).max() > 0]
+        if audio is not None and sound:
+            x = np.stack(sound).astype(np.float32)
+            y = audio.decode(audio.encode(torch.from_numpy(x))).numpy()
+            clip_snrs = [si_snr(x[i: i + 1, : y.shape[1]], y[i: i + 1]) for i in range(len(y))]
+            row.update(audio_clips=len(sound), si_snr=float(np.mean(clip_snrs)))
+            snrs += clip_snrs
+        if len(row) == 1:
             errors[path.name] = str(result.error or "no clips")
             continue
-        frames = np.stack([c.frames for c in clips])
-        recon = tensor_to_video(video.decode(video.encode(video_to_tensor(frames)))).numpy()
-        row = {"clips": len(clips), "psnr": psnr(frames, recon), "ssim": ssim(frames, recon)}
-        squared += float(np.sum((frames.astype(np.float64) - recon) ** 2))
-        pixels += frames.size
-        sound = [c.audio for c in clips if c.audio is not None and np.abs(c.audio).max() > 0]
-        if audio is not None and sound:
-            x = torch.from_numpy(np.stack(sound).astype(np.float32))
-            y = audio.decode(audio.encode(x)).numpy()
-            row["si_snr"] = si_snr(x[:, : y.shape[1]].numpy(), y)
-            snrs += [si_snr(x[i: i + 1, : y.shape[1]].numpy(), y[i: i + 1]) for i in range(len(y))]
         files[path.name] = row
-        print(f"{path.name:32} {row['clips']:3} clips  PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.3f}"
-              + (f"  SI-SNR {row['si_snr']:6.2f} dB" if "si_snr" in row else ""), flush=True)
+        print(f"{path.name:32} {row['clips']:3} clips" + (f"  PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.3f}"
+                                                           if "psnr" in row else " " * 31)
+              + (f"  SI-SNR {row['si_snr']:6.2f} dB ({row['audio_clips']} clips)" if "si_snr" in row else ""),
+              flush=True)
     for name, error in errors.items():
         print(f"{name:32} skipped: {error}")
     overall = {"clips": sum(r["clips"] for r in files.values()),

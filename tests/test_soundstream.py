@@ -6,7 +6,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.soundstream import (SoundStreamConfig, SoundStreamModel, hz_to_mel, mel_filterbank, mel_to_hz,
-                                  si_snr)
+                                  preemphasis, si_snr)
 
 SR = 16000
 
@@ -54,7 +54,7 @@ def test_forward_loss_and_gradients():
     assert out.reconstruction.shape == (2, 3200) and out.codes.shape == (2, 2, 10)
     total, terms = model.objective(x, out)
     total.backward()
-    assert {"waveform", "spectral", "si_snr", "rvq_commitment"} <= set(terms)
+    assert {"waveform", "spectral", "preemphasis", "si_snr", "rvq_commitment"} <= set(terms)
     assert not [n for n, p in model.named_parameters() if p.grad is None]
 
 
@@ -107,6 +107,17 @@ def test_spectral_loss_is_zero_only_for_equal_signals():
     assert float(model.spectral_loss(x, 0.5 * x)) > 0.1
     with pytest.raises(ValueError, match="too short"):
         model.spectral_loss(x[:, :200], x[:, :200])
+
+
+def test_preemphasis_weighs_errors_by_frequency():
+    t = torch.arange(16000) / SR
+    x = preemphasis(torch.sin(2 * math.pi * 220 * t)[None])
+    assert x.shape == (1, 15999) and torch.allclose(x[0, :5], torch.sin(2 * math.pi * 220 * t[1:6])
+                                                     - 0.95 * torch.sin(2 * math.pi * 220 * t[:5]))
+    # |1 - 0.95 e^(-iw)| at w = 2 pi f / SR: the same error amplitude at 2 kHz counts ~8x more than at 220 Hz
+    low, high = (preemphasis(0.1 * torch.sin(2 * math.pi * f * t)[None]).pow(2).mean().sqrt() for f in (220, 2000))
+    gain = [abs(1 - 0.95 * np.exp(-2j * np.pi * f / SR)) for f in (220, 2000)]
+    assert float(high / low) == pytest.approx(gain[1] / gain[0], rel=0.01) and gain[1] / gain[0] > 7
 
 
 def test_si_snr_reference_values():

@@ -46,6 +46,8 @@ def test_flavor_defaults_survive_overrides(tmp_path):
     assert cfg.llm.train.steps == 2 and cfg.llm.train.lr == base.llm.train.lr and cfg.llm.model == base.llm.model
 
 
-def test_demo_rejects_unknown_keys(tmp_path, capsys):
+def test_demo_rejects_unknown_keys_and_empty_sample_counts(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--set", "synth.widht=3"]) == 2
     assert "synth.widht" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--set", "sr_samples=0"]) == 2
+    assert "sr_samples must be >= 1" in capsys.readouterr().err

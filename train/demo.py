@@ -71,6 +71,12 @@ class DemoConfig:
     eval_samples: int = 24  # synthetic-world prompts the evaluation stage generates and scores
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self):
+        for name in ("prompts", "audio_samples", "sr_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DemoConfig.{name} must be >= 1 (adherence is a share of samples), "
+                                 f"got {getattr(self, name)}")
+
 
 class Stages:
     """Runs stages as child runs of one parent run and keeps their wall times."""

@@ -14,6 +14,28 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def trained_straight_and_resumed(tmp_path):
+    """`run(main, argv)`: trains to step 4 straight and to step 2 then resumed to 4 (into OUT/straight and
+    OUT/resumed), checks that both exports hold the same weights, and returns the resumed run's folder."""
+    import torch
+    from safetensors.torch import load_file
+
+    def run(main, argv):
+        straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+        assert main([*argv, "--out", str(straight), "--steps", "4"]) == 0
+        assert main([*argv, "--out", str(resumed), "--steps", "2"]) == 0
+        assert main([*argv, "--out", str(resumed), "--steps", "4"]) == 0
+        a = load_file(str(straight / "model" / "model.safetensors"))
+        b = load_file(str(resumed / "model" / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+        return resumed
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def shards(ray_local, tmp_path_factory):
     """Token shards of a 10-clip synthetic corpus through the debug tokenizers (random weights), for LLM training."""

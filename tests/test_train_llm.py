@@ -4,8 +4,6 @@ with an exact resume and MLflow metrics per task."""
 import json
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from pipeline.checkpoint import load_checkpoint, read_metadata
 from pipeline.tracking import search_runs
@@ -14,19 +12,10 @@ from train.cli import main
 pytestmark = pytest.mark.heavy
 
 
-def test_llm_trains_resumes_exactly_and_exports(shards, tmp_path):
-    common = ["llm", "--config", "debug", "--data", str(shards), "--workers", "2",
-              "--set", "mixture.weights={text_to_video = 1.0, video_to_audio = 1.0, future_prediction = 1.0}"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main([*common, "--out", str(straight), "--steps", "4"]) == 0
-    assert main([*common, "--out", str(resumed), "--steps", "2"]) == 0
-    assert main([*common, "--out", str(resumed), "--steps", "4"]) == 0
-
-    a = load_file(str(straight / "model" / "model.safetensors"))
-    b = load_file(str(resumed / "model" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+def test_llm_trains_resumes_exactly_and_exports(shards, trained_straight_and_resumed):
+    resumed = trained_straight_and_resumed(main, [
+        "llm", "--config", "debug", "--data", str(shards), "--workers", "2",
+        "--set", "mixture.weights={text_to_video = 1.0, video_to_audio = 1.0, future_prediction = 1.0}"])
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["steps"] == 4
     load_checkpoint(resumed / "model")  # checks the weights against the recorded fingerprint

@@ -46,6 +46,10 @@ class VideoTokenizerTrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     val_clips: int = 16  # held out when the manifest has no split column
     samples: int = 4  # reconstructions logged as artifacts
+    # Mirror each training clip left-right and play it backwards, each with probability 1/2: four views of every
+    # clip. On a small corpus the tokenizer otherwise learns its clips' object positions and paths, and renders
+    # objects on paths it never saw less faithfully.
+    augment: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,12 @@ class VideoModality:
 
     @staticmethod
     def batch(data: np.ndarray, index: np.ndarray, app: Any, rng: np.random.Generator) -> torch.Tensor:
-        return video_to_tensor(data[index])
+        clips = data[index]
+        if app.augment:
+            mirror, reverse = rng.random((2, len(index))) < 0.5
+            clips[mirror] = clips[mirror][:, :, :, ::-1]
+            clips[reverse] = clips[reverse][:, ::-1]
+        return video_to_tensor(clips)
 
     @staticmethod
     @torch.no_grad()

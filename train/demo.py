@@ -56,7 +56,9 @@ class DemoConfig:
     prompts: int = 48  # text-to-video samples: every attribute combination once
     audio_samples: int = 16  # video-to-audio samples, on held-out clips
     sr_samples: int = 8  # text-to-video samples also upsampled by the 2x stage (scored by the oracle at 2x)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, top_k=16))
+    # Greedy: a few minutes of training leave the model sure of a clip's first frame but not of every later code, and
+    # sampling those doubts makes objects smear (measured: adherence 65% greedy, 54% at temperature 0.3, 48% at 0.7).
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
     synth: SynthConfig = field(default_factory=SynthConfig)
     video_tokenizer: VideoTokenizerTrainConfig = field(
         default_factory=_flavor(VideoTokenizerTrainConfig, VideoModality.kinds))
@@ -68,7 +70,7 @@ class DemoConfig:
     llm: LLMTrainConfig = field(default_factory=_flavor(LLMTrainConfig, {"": "train_llm", "model": "llm"}))
     superres: SRTrainConfig = field(default_factory=_flavor(SRTrainConfig, {"": "train_sr", "model": "superres"}))
     eval: EvalConfig = field(default_factory=_flavor(EvalConfig, "eval"))
-    eval_samples: int = 24  # synthetic-world prompts the evaluation stage generates and scores
+    eval_samples: int = 16  # synthetic-world prompts the evaluation stage generates and scores
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):

@@ -33,8 +33,9 @@ from eval.fairness import ATTRIBUTE_PROMPTS, ClipAttributeClassifier
 from eval.i3d import I3DConfig, I3DFeatureExtractor, InceptionI3d
 from eval.oracle_classifier import OracleAttributeClassifier
 from eval.prompts import ROW_COLUMNS, needs_condition, render_condition
+from pipeline.ffmpeg import MediaError
 from pipeline.generation import SamplingConfig, VideoPoet
-from pipeline.media import MediaConfig, MediaError, decode
+from pipeline.media import MediaConfig, decode
 from pipeline.oracle import read_audio_attributes
 from pipeline.sequence import TASKS, Task
 from pipeline.synth import ATTRIBUTES

@@ -28,6 +28,7 @@ import numpy as np
 from eval.fairness import SAMPLES_PER_PROMPT, FairnessPrompt, fairness_prompts
 from pipeline.media import MediaConfig
 from pipeline.sequence import TASKS, Task
+from pipeline.storage import is_uri
 from pipeline.synth import ATTRIBUTES, SynthConfig, attribute_schedule, caption, plan, render_audio, render_video
 
 BUILT_IN = ("fairness", "synthetic")
@@ -90,7 +91,7 @@ def _read_jsonl(path: Path) -> list[Prompt]:
             raise ValueError(f"{where}: expected an object with \"task\" and optional \"prompt\", \"attributes\", "
                              f"\"video\", got {line.strip()[:80]!r}")
         video = str(item.get("video") or "")
-        if video and not Path(video).is_absolute() and "://" not in video:
+        if video and not Path(video).is_absolute() and not is_uri(video):
             video = str(path.parent / video)
         prompts.append(_check(Prompt(str(item["task"]), str(item.get("prompt") or ""),
                                      dict(item.get("attributes") or {}), video), where))

@@ -42,9 +42,10 @@ from eval.report import clipsim, fairness, flat_metrics, fvd, jsonable, oracle, 
     protocols
 from pipeline.checkpoint import read_metadata
 from pipeline.config import from_dict, load_config, to_json
+from pipeline.ffmpeg import MediaError
 from pipeline.generation import SamplingConfig
 from pipeline.manifest import read_manifest
-from pipeline.media import MediaConfig, MediaError, write_video
+from pipeline.media import MediaConfig, write_video
 from pipeline.sequence import Task
 from pipeline.synth import ATTRIBUTES
 from pipeline.tracking import TrackingConfig, attach, start_run

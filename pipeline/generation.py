@@ -30,6 +30,7 @@ from pipeline.masking import DecodingConfig
 from pipeline.media import MediaConfig
 from pipeline.sampling import generate as sample
 from pipeline.sequence import TASKS, Layout, Task, build_prompt, central_mask, parse_sequence
+from pipeline.storage import is_uri
 from pipeline.structure import structure_video
 from pipeline.text import TextCondition, TextConfig, TextConditioner, WordVocabulary, load_text_conditioner, \
     stack_embeddings
@@ -324,4 +325,4 @@ class VideoPoet:
 
 
 def _local(location: str) -> str:
-    return location if "://" in location else str(Path(location).expanduser().resolve())
+    return location if is_uri(location) else str(Path(location).expanduser().resolve())

@@ -18,22 +18,13 @@ import pyarrow.fs as pa_fs
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from pipeline.storage import is_uri, resolve_filesystem
+
 PATH_COLUMNS = ("path", "uri")
 
 
 class ManifestError(ValueError):
     """A manifest that cannot be read or lacks what a corpus needs; the message names the manifest."""
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def resolve_filesystem(location: str) -> tuple[pa_fs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it, for a local path or any URI pyarrow understands."""
-    if is_uri(location):
-        return pa_fs.FileSystem.from_uri(location)
-    return pa_fs.LocalFileSystem(), str(Path(location).resolve())
 
 
 def _join(base: str, relative: str) -> str:

@@ -34,9 +34,9 @@ from typing import Iterator, Literal, Optional
 import ffmpeg
 import numpy as np
 
-from pipeline.probe import (CorruptMedia, DecodeTimeout, EmptyFile, MediaError, MediaInfo, MissingFile,
-                            NoAudioStream, NoVideoStream, NotMedia, TooShort, ffmpeg_exe, ffmpeg_url, local_file,
-                            parse_ffmpeg_dump, probe, with_duration)
+from pipeline.ffmpeg import (CorruptMedia, DecodeTimeout, EmptyFile, MediaError, MissingFile, NoAudioStream,
+                             NoVideoStream, NotMedia, TooShort, ffmpeg_exe, ffmpeg_url, local_file)
+from pipeline.probe import MediaInfo, parse_ffmpeg_dump, probe, with_duration
 
 __all__ = [
     "MediaConfig", "Clip", "DecodeResult", "iter_clips", "decode", "decode_audio", "decode_command", "write_video",

@@ -1,5 +1,4 @@
-"""What a media file holds, read from its header without decoding it, plus the ffmpeg plumbing that
-`pipeline.media` shares: the binary, typed errors, and local copies of remote URIs.
+"""What a media file holds, read from its header without decoding it.
 
 `ffprobe` is used when it is on PATH. The `imageio-ffmpeg` wheel ships only an `ffmpeg` binary, so the fallback
 parses the stream dump that `ffmpeg -i FILE` prints (the same text ffprobe prints to stderr).
@@ -14,137 +13,14 @@ decoder's frames are shaped like because ffmpeg autorotates; `coded_width`/`code
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import functools
 import json
 import os
 import re
-import shutil
-import stat
-import subprocess
-import tempfile
-import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-
-# ---------------------------------------------------------------------------------------------------- errors
-
-class MediaError(Exception):
-    """A media file that cannot be (fully) decoded. `kind` is a short machine-readable label for error tables."""
-
-    kind = "media"
-
-    def __init__(self, path: str, message: str):
-        super().__init__(f"{path}: {message}")
-        self.path = str(path)
-        self.message = message
-
-
-class MissingFile(MediaError):
-    kind = "missing"
-
-
-class EmptyFile(MediaError):
-    kind = "empty"
-
-
-class NotMedia(MediaError):
-    kind = "not_media"
-
-
-class NoVideoStream(MediaError):
-    kind = "no_video"
-
-
-class NoAudioStream(MediaError):
-    kind = "no_audio"
-
-
-class CorruptMedia(MediaError):
-    kind = "corrupt"
-
-
-class DecodeTimeout(MediaError):
-    kind = "timeout"
-
-
-class TooShort(MediaError):
-    kind = "too_short"
-
-
-# ---------------------------------------------------------------------------------------------------- tools
-
-@functools.cache
-def ffmpeg_exe() -> str:
-    """The ffmpeg binary: the one on PATH, else the one bundled with imageio-ffmpeg."""
-    found = shutil.which("ffmpeg")
-    if found:
-        return found
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
-@functools.cache
-def ffprobe_exe() -> str | None:
-    return shutil.which("ffprobe")
-
-
-def ffmpeg_url(path: str) -> str:
-    """A local path as an ffmpeg input/output URL that is never read as an option (`-x.mp4`) or a protocol (`a:b`)."""
-    return "file:" + os.path.abspath(path)
-
-
-def is_remote(path: str) -> bool:
-    scheme = urllib.parse.urlparse(path).scheme
-    return len(scheme) > 1 and scheme != "file"  # one letter is a Windows drive
-
-
-def _local_path(path: str) -> str:
-    if path.startswith("file://"):
-        return urllib.parse.unquote(urllib.parse.urlparse(path).path)
-    return path
-
-
-def check_local(path: str, source: str) -> None:
-    """Raise the typed error for a local path that does not exist or is an empty regular file."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise MissingFile(source, "no such file") from None
-    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
-        raise EmptyFile(source, "file is empty (0 bytes)")
-
-
-@contextlib.contextmanager
-def local_file(path: str) -> Iterator[str]:
-    """A local, seekable path for `path`. Non-local URIs (s3://, gs://, hdfs://) are copied to a temporary file
-    through pyarrow's filesystems first, because ffmpeg must seek in MP4 files."""
-    path = str(path)
-    if not is_remote(path):
-        local = _local_path(path)
-        check_local(local, path)
-        yield local
-        return
-    import pyarrow.fs
-
-    try:
-        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
-        info = fs.get_file_info(inner)
-    except (OSError, ValueError) as e:
-        raise NotMedia(path, f"cannot open URI: {e}") from None
-    if info.type == pyarrow.fs.FileType.NotFound:
-        raise MissingFile(path, "no such object")
-    if info.size == 0:
-        raise EmptyFile(path, "object is empty (0 bytes)")
-    suffix = os.path.splitext(inner)[1]
-    with tempfile.NamedTemporaryFile(suffix=suffix, prefix="videopoet-") as tmp:
-        with fs.open_input_stream(inner) as src:
-            shutil.copyfileobj(src, tmp, length=1 << 20)
-        tmp.flush()
-        yield tmp.name
+from pipeline.ffmpeg import MediaError, NotMedia, ffmpeg_exe, ffmpeg_url, ffprobe_exe, last_line, local_file, run
 
 
 # ---------------------------------------------------------------------------------------------------- info
@@ -271,10 +147,10 @@ def _parse_ffprobe(path: str, data: dict[str, Any]) -> MediaInfo:
 def _run_ffprobe(local: str, source: str, timeout_s: float) -> MediaInfo:
     cmd = [ffprobe_exe(), "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
            ffmpeg_url(local)]
-    proc = _run(cmd, source, timeout_s)
+    proc = run(cmd, source, timeout_s)
     data = json.loads(proc.stdout or "{}")
     if proc.returncode != 0 or "format" not in data:
-        raise NotMedia(source, _last_line(proc.stderr) or "ffprobe found no media")
+        raise NotMedia(source, last_line(proc.stderr) or "ffprobe found no media")
     return _parse_ffprobe(source, data)
 
 
@@ -362,33 +238,20 @@ def parse_ffmpeg_dump(path: str, text: str) -> Optional[MediaInfo]:
 
 
 def _run_ffmpeg_dump(local: str, source: str, timeout_s: float) -> MediaInfo:
-    proc = _run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", ffmpeg_url(local)], source, timeout_s)
+    proc = run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", ffmpeg_url(local)], source, timeout_s)
     info = parse_ffmpeg_dump(source, proc.stderr)
     if info is None:
-        raise NotMedia(source, _last_line(proc.stderr) or "ffmpeg cannot read it")
+        raise NotMedia(source, last_line(proc.stderr) or "ffmpeg cannot read it")
     return info
 
 
 # ---------------------------------------------------------------------------------------------------- probe
 
-def _run(cmd: list[str], source: str, timeout_s: float) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                              timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise DecodeTimeout(source, f"{os.path.basename(cmd[0])} gave no answer within {timeout_s:g} s") from None
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
 def _demuxed_duration(local: str, source: str, timeout_s: float) -> Optional[float]:
     """The end time of the last packet, read by copying packets to the null muxer: no decoding, one read."""
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", ffmpeg_url(local), "-map", "0",
            "-c", "copy", "-f", "null", "-progress", "pipe:1", "-nostats", "-"]
-    out = _run(cmd, source, timeout_s).stdout
+    out = run(cmd, source, timeout_s).stdout
     times = re.findall(r"^out_time_us=(\d+)$", out, flags=re.M)
     return int(times[-1]) / 1e6 if times and int(times[-1]) > 0 else None
 

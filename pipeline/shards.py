@@ -1,5 +1,5 @@
-"""Token shards: the Parquet schema (version 1), atomic writers that need no Ray, and a reader that refuses to mix
-tokenizers.
+"""Token shards: the Parquet schema (version 1), the layout of a job's output, and a reader that refuses to mix
+tokenizers. Files are written with `pipeline.storage`'s atomic writers.
 
 Layout of a tokenize job's output folder OUT:
 
@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import posixpath
 import re
-import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,12 +34,11 @@ import pyarrow.dataset as pa_ds
 import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 
-from pipeline.manifest import resolve_filesystem
+from pipeline.storage import resolve_filesystem
 
 SCHEMA_VERSION = 1
 JOBS_DIR = "_jobs"
 META_KEY = b"videopoet"
-OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
 FINGERPRINT_CHARS = 16
 _SHARD_FILE = re.compile(r"^shard-(\d{5,})\.parquet$")
 _RECORD_FILE = re.compile(r"^shard-(\d{5,})\.json$")
@@ -219,63 +216,6 @@ def clips_table(batch: Mapping[str, Any]) -> pa.Table:
 
 def errors_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{f.name: row[f.name] for f in ERRORS_SCHEMA} for row in rows], schema=ERRORS_SCHEMA)
-
-
-# ---------------------------------------------------------------------------------------------------- writing
-
-def is_object_store(fs: pa_fs.FileSystem) -> bool:
-    return fs.type_name in OBJECT_STORES
-
-
-def write_atomic(fs: pa_fs.FileSystem, path: str, write: Callable[[Any], None]) -> None:
-    """Write `path` so that readers see either nothing or the whole file, never a part of it."""
-    directory, name = posixpath.split(path)
-    if is_object_store(fs):
-        with fs.open_output_stream(path) as out:
-            write(out)
-        return
-    fs.create_dir(directory, recursive=True)
-    tmp = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with fs.open_output_stream(tmp) as out:
-            write(out)
-        fs.move(tmp, path)
-    except BaseException:
-        if fs.get_file_info(tmp).type != pa_fs.FileType.NotFound:
-            fs.delete_file(tmp)
-        raise
-
-
-def remove_temporaries(fs: pa_fs.FileSystem, directory: str) -> int:
-    """Delete what writers killed mid-way left behind (hidden `*.tmp-*` files); returns how many."""
-    if is_object_store(fs) or fs.get_file_info(directory).type != pa_fs.FileType.Directory:
-        return 0
-    stale = [i.path for i in fs.get_file_info(pa_fs.FileSelector(directory, recursive=True))
-             if i.type == pa_fs.FileType.File and posixpath.basename(i.path).startswith(".")
-             and ".tmp-" in posixpath.basename(i.path)]
-    for path in stale:
-        fs.delete_file(path)
-    return len(stale)
-
-
-def write_table(fs: pa_fs.FileSystem, path: str, table: pa.Table,
-                metadata: Mapping[bytes, bytes] | None = None) -> None:
-    if metadata is not None:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    write_atomic(fs, path, lambda out: pq.write_table(table, out))
-
-
-def write_json(fs: pa_fs.FileSystem, path: str, data: Any) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
-    write_atomic(fs, path, lambda out: out.write(text))
-
-
-def read_json(fs: pa_fs.FileSystem, path: str) -> Any | None:
-    """The parsed file, or None when it does not exist."""
-    if fs.get_file_info(path).type == pa_fs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.load(io.BytesIO(f.read()))
 
 
 # ---------------------------------------------------------------------------------------------------- reading

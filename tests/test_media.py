@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from pipeline import media
-from pipeline.media import (Clip, CorruptMedia, DecodeTimeout, EmptyFile, MediaConfig, MissingFile, NoVideoStream,
-                            NotMedia, TooShort, decode, ffmpeg_exe, iter_clips, write_video)
+from pipeline.ffmpeg import (CorruptMedia, DecodeTimeout, EmptyFile, MissingFile, NoVideoStream, NotMedia, TooShort,
+                             ffmpeg_exe)
+from pipeline.media import Clip, MediaConfig, decode, iter_clips, write_video
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real"
 needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"real media corpus not found at {CORPUS}")
@@ -387,7 +388,8 @@ def test_s3_uri_is_copied_locally(tmp_path, monkeypatch):
 
 
 def test_decode_audio_of_audio_only_and_silent_files():
-    from pipeline.media import NoAudioStream, decode_audio
+    from pipeline.ffmpeg import NoAudioStream
+    from pipeline.media import decode_audio
 
     wav = CORPUS / "example.wav"
     if not wav.exists():

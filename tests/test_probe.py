@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from pipeline import probe as probe_mod
-from pipeline.media import MediaConfig, NoVideoStream, decode, iter_clips
-from pipeline.probe import EmptyFile, MissingFile, NotMedia, ffmpeg_exe, main, probe
+from pipeline.ffmpeg import EmptyFile, MissingFile, NotMedia, NoVideoStream, ffmpeg_exe, ffprobe_exe
+from pipeline.media import MediaConfig, decode, iter_clips
+from pipeline.probe import main, probe
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real"
 needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"real media corpus not found at {CORPUS}")
@@ -123,7 +124,7 @@ def test_anamorphic_surround_and_cover_art(tmp_path):
 
 
 def test_dump_parser_agrees_with_ffprobe_when_installed():
-    if probe_mod.ffprobe_exe() is None:
+    if ffprobe_exe() is None:
         pytest.skip("ffprobe is not on PATH (imageio-ffmpeg ships only ffmpeg); the ffmpeg -i parser is in use")
     for path in sorted(CORPUS.glob("*.m*")):
         via_ffprobe = probe(str(path))

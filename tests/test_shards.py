@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.shards import (ERRORS_SCHEMA, SCHEMA, SCHEMA_VERSION, ShardError, ShardMeta, clips_table, errors_table,
-                             fingerprint_of, open_shards, read_json, remove_temporaries, shard_index, shard_name,
-                             write_atomic, write_json, write_table)
+                             fingerprint_of, open_shards, shard_index, shard_name)
+from pipeline.storage import read_json, remove_temporaries, write_atomic, write_json, write_table
 
 LOCAL = pa_fs.LocalFileSystem()
 TOKENIZERS = {"video": {"fingerprint": "a" * 16, "kind": "magvit", "config": {}}, "audio": None}

@@ -39,11 +39,12 @@ import torch
 
 from pipeline.checkpoint import model_classes
 from pipeline.config import ConfigError, from_dict, load_config, to_dict
-from pipeline.manifest import ManifestError, read_manifest, resolve_filesystem
+from pipeline.manifest import ManifestError, read_manifest
 from pipeline.media import MediaConfig
 from pipeline.shards import (JOBS_DIR, ShardError, ShardMeta, clips_table, errors_table, fingerprint_of,
-                             read_json, record_index, record_name, remove_temporaries, shard_index, shard_name,
-                             write_json, write_table)
+                             record_index, record_name, shard_index, shard_name)
+from pipeline.storage import (is_uri, read_json, remove_temporaries, resolve_filesystem, write_json,
+                              write_table)
 from pipeline.tracking import TrackingConfig, start_run
 from tokenize_jobs.stages import (AudioTokenizer, Decode, TextEncoder, VideoTokenizer, add_structure,
                                   checkpoint_metadata, downscale_2x, text_encoder_metadata)
@@ -411,7 +412,7 @@ def _now() -> str:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def _track(cfg: TokenizeConfig, out: str, summary: dict[str, Any], parent_run_id: Optional[str]) -> None:
-    if "://" in out and not cfg.tracking.uri:
+    if is_uri(out) and not cfg.tracking.uri:
         raise TokenizeError("tracking: --out is a URI, so the embedded MLflow store has no local folder; "
                             "set tracking.uri")
     run = start_run(cfg.tracking, posixpath.join(out, JOBS_DIR), "tokenize", parent_run_id=parent_run_id)

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 
 from pipeline.checkpoint import model_classes
 from pipeline.config import from_dict
-from pipeline.manifest import resolve_filesystem
-from pipeline.shards import (JOBS_DIR, ERRORS_SCHEMA, ShardError, fingerprint_dirs, is_fingerprint,
-                             open_shards, read_json, shard_files)
+from pipeline.shards import (JOBS_DIR, ERRORS_SCHEMA, ShardError, fingerprint_dirs, is_fingerprint, open_shards,
+                             shard_files)
+from pipeline.storage import read_json, resolve_filesystem
 
 EXAMPLES = 5  # failed inputs listed by name
 TOKEN_ROLES = {"video": "video", "audio": "audio", "hr_video": "video", "structure": "video"}  # column -> tokenizer

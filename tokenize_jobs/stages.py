@@ -27,9 +27,9 @@ from einops import rearrange, reduce
 
 from pipeline.checkpoint import CONFIG_FILE, FINGERPRINT_CHARS, WEIGHTS_FILE, load_checkpoint, read_metadata
 from pipeline.magvit import video_to_tensor
-from pipeline.manifest import is_uri, resolve_filesystem
 from pipeline.media import MediaConfig
 from pipeline.sequence import MAX_TEXT_EMBEDDINGS
+from pipeline.storage import is_uri, resolve_filesystem
 from pipeline.structure import structure_video
 from pipeline.text import ENCODER_FILE, WORDS_FILE, FrozenTextEncoder
 from tokenize_jobs.decode import DecodeClips

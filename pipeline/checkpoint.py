@@ -5,8 +5,9 @@
 against the recorded fingerprint. Kinds map to (config class, model class) as import strings, so this module imports
 no model code until a checkpoint of that kind is loaded; a new model adds one entry to `MODEL_KINDS`.
 
-A fingerprint is the short sha256 of the config JSON and every tensor of the state dict (name, dtype, shape, bytes,
-in name order): token shards record the fingerprint of the tokenizer that wrote them.
+A fingerprint is the short sha256 of the config JSON (less its runtime fields: attention kernel, compilation) and every
+tensor of the state dict (name, dtype, shape, bytes, in name order): token shards record the fingerprint of the
+tokenizer that wrote them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.config import from_dict, to_dict, to_json
+from pipeline.config import from_dict, identity_json, to_dict
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -59,7 +60,7 @@ def kind_of(model: nn.Module) -> str:
 
 
 def fingerprint(config: Any, state_dict: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(to_json(config).encode())
+    h = hashlib.sha256(identity_json(config).encode())
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())

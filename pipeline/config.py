@@ -19,6 +19,10 @@ from typing import Any, Mapping, TypeVar
 CONFIG_DIR = Path(__file__).parent / "configs"
 FLAVORS = ("debug", "demo", "paper")
 
+# Metadata of fields that change how a model runs (attention kernel, compilation), not what it computes: checkpoint
+# fingerprints leave them out (`identity_json`), so a checkpoint keeps its identity when they change.
+RUNTIME = {"runtime": True}
+
 T = TypeVar("T")
 
 
@@ -119,6 +123,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def to_json(cfg: Any) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def identity_json(cfg: Any) -> str:
+    """`to_json` without the config's RUNTIME fields."""
+    data = to_dict(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("runtime"):
+            del data[f.name]
+    return json.dumps(data, indent=2, sort_keys=True)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -2,8 +2,10 @@
 
 Attention: bidirectional over each sample's prefix (the conditions, up to and including the first output's begin
 token; see `pipeline.sequence`), causal after it. Blocks are pre-norm: RMSNorm, multi-head attention with rotary
-position embeddings (RoPE) through `scaled_dot_product_attention`, and a SwiGLU MLP. One boolean mask (B, 1, T, S) is
-built per forward and shared by every block.
+position embeddings (RoPE), and a SwiGLU MLP. One mask is built per forward and shared by every block: a FlexAttention
+`BlockMask` (`pipeline.attention`; `attention = "auto"` picks it on CUDA), whose kernel skips the blocks above the
+causal diagonal, or a boolean mask (B, 1, T, S) for `scaled_dot_product_attention`. Both come from one rule,
+`prefix_lm_rule`.
 
 Padding: training batches are padded on the right. Pads sit after every real token, and real output tokens attend
 causally, so pads are never attended to by a real position and need no mask; the loss mask drops them as targets.
@@ -17,7 +19,11 @@ replaces the token embedding at the `<text_embedding>` placeholder positions, th
 its k-th embedding (extra embeddings, i.e. padding, are ignored).
 
 Generation: `prefill` runs the whole prompt in one bidirectional forward and fills a `KVCache`; `decode_step` then
-appends one token at a time, causally (`pipeline.sampling` drives both).
+appends one token at a time, causally (`pipeline.sampling` drives both). Both stay on SDPA with a dense mask: a prompt
+is all prefix (bidirectional, no block for a BlockMask to skip) and a decode step has a single query row.
+
+Precision: RoPE and the loss's logits are computed in float32 whatever the parameters' dtype or autocast; masks are
+boolean. `compile = true` compiles every block in place (`nn.Module.compile`; state-dict keys unchanged).
 
 Parameter counts (the flavor names) include the token embedding and the output head (shared when
 `tie_embeddings`) and the text projection: at the paper's 266,496-id vocabulary the embedding is a large share of
@@ -34,6 +40,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.attention import Backend, Mask, MaskMod, attend, block_mask, check_backend, uses_flex
+from pipeline.config import RUNTIME
 from pipeline.vocab import Special, Vocabulary
 
 
@@ -50,17 +58,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
-def prefix_lm_mask(query_index: Tensor, keys: int, prefix_end: Tensor, start: Tensor) -> Tensor:
-    """Boolean (B, 1, T, keys), True where a query may attend.
+def prefix_lm_rule(prefix_end: Tensor, start: Tensor) -> MaskMod:
+    """The prefix-LM rule as a FlexAttention mask_mod(b, h, q, k) -> True where query q of sample b may attend key k.
 
-    query_index (T,): the queries' positions in the (padded) sequence; prefix_end (B,): positions below it form the
-    bidirectional prefix; start (B,): keys below it are left padding, hidden from every query. A query always sees
-    itself, so no row is empty (a padding query's output is never read).
+    prefix_end (B,): keys below it form the bidirectional prefix; start (B,): keys below it are left padding, hidden
+    from every query. A query always sees itself, so no row is empty (a padding query's output is never read).
     """
-    q = query_index[None, :, None]
+
+    def allowed(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return ((k >= start[b]) & ((k <= q) | (k < prefix_end[b]))) | (k == q)
+
+    return allowed
+
+
+def prefix_lm_mask(query_index: Tensor, keys: int, prefix_end: Tensor, start: Tensor) -> Tensor:
+    """`prefix_lm_rule` as a boolean (B, 1, T, keys) mask for queries at positions query_index (T,) of the (padded)
+    sequence."""
+    batch = torch.arange(len(start), device=query_index.device)[:, None, None]
     k = torch.arange(keys, device=query_index.device)[None, None, :]
-    allowed = (k >= start[:, None, None]) & ((k <= q) | (k < prefix_end[:, None, None]))
-    return (allowed | (k == q))[:, None]
+    return prefix_lm_rule(prefix_end, start)(batch, None, query_index[None, :, None], k)[:, None]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -103,12 +119,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: LayerCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, cache: LayerCache | None = None) -> Tensor:
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, mask)
         return self.out(rearrange(y, "b h t d -> b t (h d)"))
 
 
@@ -131,7 +147,7 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(width, eps=eps)
         self.mlp = SwiGLU(width, mlp_width)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: LayerCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, cache: LayerCache | None = None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -153,6 +169,9 @@ class LLMConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     activation_checkpointing: bool = False  # recompute each block in backward (training only)
+    # sdpa: dense boolean mask; flex: FlexAttention BlockMask (its backward needs CUDA); auto: flex on CUDA
+    attention: Backend = field(default="auto", metadata=RUNTIME)
+    compile: bool = field(default=False, metadata=RUNTIME)  # torch.compile every block in place
 
     def __post_init__(self):
         for name in ("width", "depth", "heads", "mlp_width"):
@@ -162,6 +181,7 @@ class LLMConfig:
             raise ValueError(f"LLMConfig: width {self.width} must split into {self.heads} heads of an even size")
         if self.text_width < 0:
             raise ValueError(f"LLMConfig.text_width must be >= 0, got {self.text_width}")
+        check_backend("LLMConfig", self.attention)
 
 
 class VideoPoetLM(nn.Module):
@@ -179,6 +199,8 @@ class VideoPoetLM(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.out.weight, std=cfg.init_std / (2 * cfg.depth) ** 0.5)
             nn.init.normal_(block.mlp.down.weight, std=cfg.init_std / (2 * cfg.depth) ** 0.5)
+            if cfg.compile:
+                block.compile()
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -240,7 +262,7 @@ class VideoPoetLM(nn.Module):
 
     # -- the network -----------------------------------------------------------------------------------------------
 
-    def _run(self, x: Tensor, positions: Tensor, mask: Tensor, cache: KVCache | None = None) -> Tensor:
+    def _run(self, x: Tensor, positions: Tensor, mask: Mask, cache: KVCache | None = None) -> Tensor:
         cos, sin = rope_angles(positions, self.head_dim, self.config.rope_theta)
         recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
@@ -264,9 +286,13 @@ class VideoPoetLM(nn.Module):
         self._check_ids(ids)
         prefix_len = self._per_sample(prefix_len, ids, "prefix_len", ids.shape[1] + 1)
         start = self._per_sample(start, ids, "start", ids.shape[1] - 1)
-        index = torch.arange(ids.shape[1], device=ids.device)
+        length = ids.shape[1]
+        index = torch.arange(length, device=ids.device)
         positions = (index[None] - start[:, None]).clamp(min=0)
-        mask = prefix_lm_mask(index, ids.shape[1], prefix_len, start)
+        if uses_flex(self.config.attention, ids.device):
+            mask = block_mask(prefix_lm_rule(prefix_len, start), len(start), length, length, ids.device)
+        else:
+            mask = prefix_lm_mask(index, length, prefix_len, start)
         return self._run(self._embed(ids, text_embeddings), positions, mask)
 
     def forward(self, ids: Tensor, prefix_len: Tensor | int, *, text_embeddings: Tensor | None = None,

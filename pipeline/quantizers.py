@@ -15,10 +15,14 @@ RVQ (Zeghidour et al. 2021, "SoundStream"): each level quantizes the residual of
 kept as an exponential moving average of the vectors assigned to it (no codebook gradients), initialized by k-means
 on the first training batch; codes whose moving usage falls below `dead_code_threshold` are restarted at random
 vectors of the current batch.
+
+Both compute in float32, autocast off: a bf16 straight-through latent z + (q - z) would miss q by a rounding step,
+and the entropy terms' matmuls lose their small differences in bf16. The latent returns in the input's dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +36,13 @@ class Quantized:
     codes: Tensor  # int64: (...) for LFQ, (..., levels) for RVQ
     loss: Tensor  # scalar, already weighted
     terms: dict[str, Tensor]  # unweighted loss terms, detached, for logging
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for this device's type (where autocast exists for it)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -106,13 +117,16 @@ class LFQ(nn.Module):
     def forward(self, z: Tensor) -> Quantized:
         if z.shape[-1] != self.cfg.bits:
             raise ValueError(f"LFQ: latent has {z.shape[-1]} channels, expected bits={self.cfg.bits}")
-        q = self.quantize(z)
-        commitment = F.mse_loss(z, q.detach())
-        per_sample, codebook = self.entropies(z)
-        entropy = per_sample - self.cfg.diversity_weight * codebook
-        loss = self.cfg.commitment_weight * commitment + self.cfg.entropy_weight * entropy
+        with full_precision(z.device):
+            zf = z.float()
+            q = self.quantize(zf)
+            commitment = F.mse_loss(zf, q.detach())
+            per_sample, codebook = self.entropies(zf)
+            entropy = per_sample - self.cfg.diversity_weight * codebook
+            loss = self.cfg.commitment_weight * commitment + self.cfg.entropy_weight * entropy
+            latent = (zf + (q - zf).detach()).to(z.dtype)
         terms = {"commitment": commitment, "sample_entropy": per_sample, "codebook_entropy": codebook}
-        return Quantized(z + (q - z).detach(), bits_to_codes(z), loss, {k: v.detach() for k, v in terms.items()})
+        return Quantized(latent, bits_to_codes(z), loss, {k: v.detach() for k, v in terms.items()})
 
     def decode_codes(self, codes: Tensor) -> Tensor:
         return codes_to_bits(codes, self.cfg.bits)
@@ -219,16 +233,17 @@ class ResidualVQ(nn.Module):
         """x (..., D) -> latent (..., D), codes (..., levels); the commitment term sums over levels."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"RVQ: latent has {x.shape[-1]} channels, expected {self.dim}")
-        flat = x.reshape(-1, self.dim)
-        residual, total = flat.detach(), torch.zeros_like(flat)
-        codes, commitment = [], flat.new_zeros(())
-        for codebook in self.codebooks:
-            q, c = codebook(residual)
-            commitment = commitment + F.mse_loss(flat - total, q.detach())
-            total = total + q
-            residual = residual - q
-            codes.append(c)
-        latent = flat + (total - flat).detach()
+        with full_precision(x.device):
+            flat = x.reshape(-1, self.dim).float()
+            residual, total = flat.detach(), torch.zeros_like(flat)
+            codes, commitment = [], flat.new_zeros(())
+            for codebook in self.codebooks:
+                q, c = codebook(residual)
+                commitment = commitment + F.mse_loss(flat - total, q.detach())
+                total = total + q
+                residual = residual - q
+                codes.append(c)
+            latent = (flat + (total - flat).detach()).to(x.dtype)
         codes_t = torch.stack(codes, -1).reshape(*x.shape[:-1], self.cfg.levels)
         loss = self.cfg.commitment_weight * commitment
         return Quantized(latent.reshape(x.shape), codes_t, loss, {"commitment": commitment.detach()})

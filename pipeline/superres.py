@@ -19,6 +19,14 @@ into the same number of windows in the same order), cross-attends to the text, t
 Windows are cut with einops and attended as a batch of short sequences, so nothing crosses a window and the cost is
 linear in the number of tokens; full attention is the special case of one window the size of the grid.
 
+Attention kernels (`attention`, `pipeline.attention`): `sdpa` (default) runs each window as its own short sequence
+with no mask, which SDPA serves with its fused kernels (FlashAttention on CUDA); only the text keys carry a boolean
+mask. `flex` lays each sample's windows side by side as one sequence and keeps them apart with block-diagonal
+FlexAttention BlockMasks (the text keys' mask becomes one too). It computes the same thing, but its 128-token blocks
+straddle windows whose size is not a multiple of 128, so it evaluates 1 to 3.6 times the attention scores of the
+batched windows on the paper's grid (`benchmarks/attention.py`); hence it is opt-in. `compile = true` compiles every
+block in place (`nn.Module.compile`; state-dict keys unchanged). Logits of guidance passes are combined in float32.
+
 Conditions can be dropped per example (training) or per forward pass (guidance): a dropped low-res input becomes a
 learned null embedding at every position; the text keys always start with a learned null token, and a dropped or
 absent text masks every other key, so `text=None` and a dropped text compute the same thing.
@@ -29,13 +37,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from pipeline.attention import Mask, MaskMod, attend, block_mask
 from pipeline.checkpoint import fingerprint
+from pipeline.config import RUNTIME
 from pipeline.masking import (
     DecodingConfig,
     MaskingConfig,
@@ -102,12 +113,57 @@ def merge_windows(x: Tensor, window: Window, grid: Window) -> Tensor:
                      nt=t // wt, nh=h // wh, nw=w // ww, wt=wt, wh=wh, ww=ww)
 
 
+def same_window(queries: int, keys: int | None = None) -> MaskMod:
+    """mask_mod of windows laid side by side: query i and key j attend when they are in the same window, windows
+    holding `queries` queries and `keys` keys (default: as many as queries)."""
+    keys = keys or queries
+
+    def allowed(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return q // queries == k // keys
+
+    return allowed
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Layers
 
 
+@dataclass
+class LayerMasks:
+    """The masks of one layer's attentions. sdpa: no window masks (windows are batch rows) and a boolean text key
+    mask (B, 1, 1, S); flex: BlockMasks over each sample's windows laid side by side, and over the text keys."""
+
+    windows: Mask
+    lowres: Mask
+    text: Mask
+
+    @property
+    def windows_side_by_side(self) -> bool:
+        return self.windows is not None
+
+
+def window_masks(attention: str, grid: Window, window: Window, device: torch.device) -> tuple[Mask, Mask]:
+    """The masks of windowed self-attention and windowed low-res cross-attention on a grid."""
+    if attention == "sdpa":
+        return None, None
+    n, size, lr_size = math.prod(grid), math.prod(window), math.prod(lowres_window(window))
+    return (block_mask(same_window(size), None, n, n, device),
+            block_mask(same_window(size, lr_size), None, n, n // SPATIAL_SCALE**2, device))
+
+
+def text_mask(attention: str, queries: int, text_keep: Tensor) -> Mask:
+    """The mask of `queries` queries over text keys, text_keep (B, S) True = attend."""
+    if attention == "sdpa":
+        return rearrange(text_keep, "b s -> b 1 1 s")
+
+    def kept(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return text_keep[b, k]
+
+    return block_mask(kept, text_keep.shape[0], queries, text_keep.shape[1], text_keep.device)
+
+
 class Attention(nn.Module):
-    """Multi-head attention of queries x (n, L, D) over a context (n, S, D), with an optional key mask (n, S)."""
+    """Multi-head attention of queries x (n, L, D) over a context (n, S, D) under a mask (`pipeline.attention`)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -116,11 +172,10 @@ class Attention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, context: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, mask: Mask = None) -> Tensor:
         q = rearrange(self.q(x), "n l (h e) -> n h l e", h=self.heads)
         k, v = rearrange(self.kv(context), "n s (two h e) -> two n h s e", two=2, h=self.heads)
-        mask = None if key_mask is None else rearrange(key_mask, "n s -> n 1 1 s")
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, mask)
         return self.out(rearrange(y, "n h l e -> n l (h e)"))
 
 
@@ -149,17 +204,21 @@ class WindowLayer(nn.Module):
         self.norm_mlp = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio)
 
-    def forward(self, x: Tensor, lr: Tensor, text: Tensor, text_keep: Tensor) -> Tensor:
-        """x (B, t, h, w, D), lr (B, t, h/2, w/2, D), text (B, L, D), text_keep (B, L) -> (B, t, h, w, D)."""
-        grid = tuple(x.shape[1:4])
+    def forward(self, x: Tensor, lr: Tensor, text: Tensor, masks: LayerMasks) -> Tensor:
+        """x (B, t, h, w, D), lr (B, t, h/2, w/2, D), text (B, L, D) -> (B, t, h, w, D)."""
+        batch, grid = x.shape[0], tuple(x.shape[1:4])
         windows = partition_windows(x, self.window)
-        h = self.norm_self(windows)
-        windows = windows + self.self_attn(h, h)
         lr_windows = partition_windows(lr, lowres_window(self.window))
-        windows = windows + self.lr_attn(self.norm_lr(windows), lr_windows)
+        if masks.windows_side_by_side:
+            windows, lr_windows = (rearrange(w, "(b n) l d -> b (n l) d", b=batch) for w in (windows, lr_windows))
+        h = self.norm_self(windows)
+        windows = windows + self.self_attn(h, h, masks.windows)
+        windows = windows + self.lr_attn(self.norm_lr(windows), lr_windows, masks.lowres)
+        if masks.windows_side_by_side:
+            windows = rearrange(windows, "b (n l) d -> (b n) l d", l=math.prod(self.window))
         x = merge_windows(windows, self.window, grid)
         flat = rearrange(x, "b t h w d -> b (t h w) d")
-        flat = flat + self.text_attn(self.norm_text(flat), text, text_keep)
+        flat = flat + self.text_attn(self.norm_text(flat), text, masks.text)
         flat = flat + self.mlp(self.norm_mlp(flat))
         return rearrange(flat, "b (t h w) d -> b t h w d", t=grid[0], h=grid[1], w=grid[2])
 
@@ -171,9 +230,9 @@ class Block(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(WindowLayer(width, heads, mlp_ratio, w) for w in windows)
 
-    def forward(self, x: Tensor, lr: Tensor, text: Tensor, text_keep: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, lr, text, text_keep)
+    def forward(self, x: Tensor, lr: Tensor, text: Tensor, masks: list[LayerMasks]) -> Tensor:
+        for layer, layer_masks in zip(self.layers, masks):
+            x = layer(x, lr, text, layer_masks)
         return x
 
 
@@ -207,6 +266,9 @@ class SuperResConfig:
     text_vocab: int = 0  # > 0: text may also come as word ids below this, embedded at width text_dim
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    # sdpa: windows as batch rows, no window mask; flex: windows side by side under block masks (backward needs CUDA)
+    attention: Literal["sdpa", "flex"] = field(default="sdpa", metadata=RUNTIME)
+    compile: bool = field(default=False, metadata=RUNTIME)  # torch.compile every block in place
 
     def __post_init__(self):
         if any(n % SPATIAL_SCALE for n in self.grid[1:]):
@@ -223,6 +285,8 @@ class SuperResConfig:
             raise ValueError(f"SuperResConfig.text_vocab must be >= 0, got {self.text_vocab}")
         if self.width % self.heads:
             raise ValueError(f"SuperResConfig: width={self.width} is not divisible by heads={self.heads}")
+        if self.attention not in ("sdpa", "flex"):
+            raise ValueError(f"SuperResConfig.attention must be 'sdpa' or 'flex', got {self.attention!r}")
 
     @property
     def lr_grid(self) -> tuple[int, int, int]:
@@ -250,6 +314,9 @@ class SuperResTransformer(nn.Module):
         self.text_proj = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
         self.text_null = nn.Parameter(torch.zeros(1, d))
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, cfg.windows) for _ in range(cfg.blocks))
+        if cfg.compile:
+            for block in self.blocks:
+                block.compile()
         self.norm_out = nn.LayerNorm(d)
         self.heads = nn.Linear(d, cfg.factors * cfg.sub_vocab)  # the k output heads as one projection
         self.register_buffer("factor_offsets", torch.arange(cfg.factors) * cfg.sub_vocab, persistent=False)
@@ -328,10 +395,18 @@ class SuperResTransformer(nn.Module):
         keep = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if text_mask is None else text_mask
         if drop is not None:
             keep = keep & ~drop[:, None]
-        if not text.is_floating_point():
-            text = self.text_words(text.long())
-        keys = torch.cat([null.to(text.dtype), self.text_proj(text)], dim=1)
+        # Embeddings take the parameters' dtype (a bf16 model may be handed float32 embeddings).
+        text = text.to(null.dtype) if text.is_floating_point() else self.text_words(text.long())
+        projected = self.text_proj(text)
+        keys = torch.cat([null.to(projected.dtype), projected], dim=1)
         return keys, F.pad(keep, (1, 0), value=True)
+
+    def layer_masks(self, text_keep: Tensor) -> list[LayerMasks]:
+        """The masks of each layer of a block (the layers of every block share them), for text keys text_keep (B, S)."""
+        cfg = self.config
+        text = text_mask(cfg.attention, self.length, text_keep)
+        return [LayerMasks(*window_masks(cfg.attention, cfg.grid, window, text_keep.device), text)
+                for window in cfg.windows]
 
     # --- forward ------------------------------------------------------------------------------------------------------
 
@@ -347,8 +422,9 @@ class SuperResTransformer(nn.Module):
         x = x + self.pos_embed()
         lr = self.embed_lowres(lr_codes, drop_lr)
         text_keys, text_keep = self.embed_text(text, text_mask, drop_text, batch)
+        masks = self.layer_masks(text_keep)
         for block in self.blocks:
-            x = block(x, lr, text_keys, text_keep)
+            x = block(x, lr, text_keys, masks)
         logits = self.heads(self.norm_out(rearrange(x, "b t h w d -> b (t h w) d")))
         return rearrange(logits, "b n (k v) -> b n k v", k=cfg.factors)
 
@@ -388,8 +464,8 @@ class SuperResTransformer(nn.Module):
         logits = self(tile(tokens, n), tile(masked, n), tile(lr_codes, n), None if text is None else tile(text, n),
                       None if text_mask is None else tile(text_mask, n),
                       drop_lr.repeat_interleave(batch), drop_text.repeat_interleave(batch))
-        scales = torch.tensor(list(weights.values()), device=logits.device, dtype=logits.dtype)
-        return torch.einsum("c, c b n k v -> b n k v", scales, logits.unflatten(0, (n, batch)))
+        scales = torch.tensor(list(weights.values()), device=logits.device)
+        return torch.einsum("c, c b n k v -> b n k v", scales, logits.float().unflatten(0, (n, batch)))
 
     @torch.no_grad()
     def generate(self, lr_codes: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None, *,

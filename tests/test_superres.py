@@ -8,6 +8,7 @@ from torch import Tensor
 
 from pipeline.config import load_config, replace
 from pipeline.superres import (
+    LayerMasks,
     SuperResConfig,
     SuperResTransformer,
     WindowLayer,
@@ -16,6 +17,8 @@ from pipeline.superres import (
     merge_windows,
     partition_windows,
     split_codes,
+    text_mask,
+    window_masks,
 )
 
 FLAVORS = ("debug", "demo", "paper")
@@ -139,7 +142,8 @@ def window_mask(grid, window, target: int) -> Tensor:
 
 def outside_window_change(cfg: SuperResConfig, layer_window, region, target: int):
     """A layer's output for one input, and for that input with every token outside window `target` of the tiling
-    `region` changed (and every low-res token outside the low-res window), with the window's mask."""
+    `region` changed (and every low-res token outside the low-res window), with the window's mask; the layer runs
+    with the config's attention kernel."""
     torch.manual_seed(0)
     layer = WindowLayer(cfg.width, cfg.heads, cfg.mlp_ratio, layer_window).eval()
     g = torch.Generator().manual_seed(1)
@@ -151,13 +155,15 @@ def outside_window_change(cfg: SuperResConfig, layer_window, region, target: int
     lr_inside = window_mask(cfg.lr_grid, lowres_window(region), target)
     x2 = torch.where(inside[..., None], x, torch.randn(x.shape, generator=g))
     lr2 = torch.where(lr_inside[..., None], lr, torch.randn(lr.shape, generator=g))
+    masks = LayerMasks(*window_masks(cfg.attention, cfg.grid, layer_window, x.device),
+                       text_mask(cfg.attention, math.prod(cfg.grid), keep))
     with torch.no_grad():
-        return layer(x, lr, text, keep), layer(x2, lr2, text, keep), inside
+        return layer(x, lr, text, masks), layer(x2, lr2, text, masks), inside
 
 
-@pytest.mark.parametrize("flavor", ["debug", "demo"])
-def test_attention_never_crosses_a_window(flavor):
-    cfg = load_config(SuperResConfig, flavor, kind="superres")
+@pytest.mark.parametrize("flavor, attention", [("debug", "sdpa"), ("demo", "sdpa"), ("debug", "flex"), ("demo", "flex")])
+def test_attention_never_crosses_a_window(flavor, attention):
+    cfg = replace(load_config(SuperResConfig, flavor, kind="superres"), attention=attention)
     for window in cfg.windows:
         before, after, inside = outside_window_change(cfg, window, window, target=1)
         torch.testing.assert_close(after[inside], before[inside], atol=1e-5, rtol=0)

@@ -22,6 +22,7 @@ text skips that row).
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -211,8 +212,16 @@ class FrozenTextEncoder:
         module = torch.export.load(directory / ENCODER_FILE).module()
         return cls(module, WordVocabulary.load(directory / WORDS_FILE), max_positions)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder's weights are (the module may be moved, e.g. to a GPU); CPU for a weightless one."""
+        for tensor in itertools.chain(self.module.parameters(), self.module.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
     def _run(self, ids: np.ndarray) -> Tensor:
-        ids_t = torch.from_numpy(ids)
+        """Embeddings (B, n, width) of word ids (B, n), on the encoder's device."""
+        ids_t = torch.from_numpy(ids).to(self.device)
         with torch.no_grad():
             return self.module(ids_t, torch.ones_like(ids_t, dtype=torch.bool)).float()
 

@@ -119,7 +119,7 @@ def check_stage(cfg: DemoConfig, manifest: Path):
 
 def generate_stage(cfg: DemoConfig, out: Path, manifest: Path):
     def run(tracker):
-        poet = VideoPoet.load(out / "llm" / "model", sr=[out / "sr" / "model"])
+        poet = VideoPoet.load(out / "llm" / "model", sr=[out / "superres" / "model"])
         samples = out / "samples"
         samples.mkdir(exist_ok=True)
         rng = np.random.default_rng(cfg.seed)
@@ -189,8 +189,8 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
         tokenized = stages.run("tokenize", lambda run: _tokenize(cfg, out, manifest, video, audio, run), cfg.tokenize)
         llm = stages.run("llm", lambda p: train_llm(cfg.llm, str(out / "shards"), out / "llm", parent=p),
                          own_run=True)
-        superres = stages.run("superres", lambda p: train_sr(cfg.superres, str(out / "shards"), out / "sr", parent=p),
-                              own_run=True)
+        superres = stages.run("superres", lambda p: train_sr(cfg.superres, str(out / "shards"), out / "superres",
+                                                             parent=p), own_run=True)
         figures = stages.run("generate", generate_stage(cfg, out, manifest), cfg.sampling)
         stages.run("eval", lambda p: run_eval(
             replace(cfg.eval, max_samples=cfg.eval_samples), out / "llm", "synthetic", out / "eval", parent=p,

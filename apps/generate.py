@@ -22,24 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.generation import Generated, SamplingConfig, VideoPoet
-from pipeline.media import MediaConfig, MediaError, decode, decode_audio, write_video
+from pipeline.generation import Generated, SamplingConfig, VideoPoet, load_frames, model_dir
+from pipeline.media import MediaError, decode_audio, write_video
 from pipeline.sequence import Task
-
-
-def model_dir(checkpoint: str) -> Path:
-    """A run folder of `videopoet train llm` or its `model/` export."""
-    path = Path(checkpoint)
-    return path / "model" if (path / "model" / "config.json").exists() else path
-
-
-def load_frames(path: str, media: MediaConfig, image: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """The first clip of a file (or its first frame, for an image) at the model's clip settings."""
-    result = decode(path, replace(media, max_clips=1))
-    if not result.clips:
-        raise result.error or MediaError(path, "no clip could be decoded")
-    clip = result.clips[0]
-    return (clip.frames[:1] if image else clip.frames), clip.audio
 
 
 def run(args: argparse.Namespace) -> tuple[Generated, VideoPoet]:

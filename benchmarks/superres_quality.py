@@ -33,13 +33,12 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 
 from pipeline.config import apply_overrides, from_dict, to_dict
-from pipeline.generation import SuperResStage
+from pipeline.generation import SuperResStage, model_dir
 from pipeline.manifest import read_manifest
 from pipeline.masking import DecodingConfig
 from pipeline.media import MediaConfig, decode
 from pipeline.metrics import psnr
 from pipeline.shards import open_shards
-from train.generate import model_dir
 
 COLUMNS = ["id", "clip_index", "caption", "split", "video_tokens", "video_shape", "hr_video_tokens", "hr_video_shape"]
 

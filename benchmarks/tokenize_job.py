@@ -33,13 +33,13 @@ import psutil
 import pyarrow.parquet as pq
 import torch
 
+from cluster import init_ray
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import load_config
 from pipeline.magvit import MagvitConfig, MagvitModel
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.synth import SynthConfig, write_corpus
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob
-from train.runner import init_ray
 
 WARMUP_CLIPS = 4
 BENCH_INPUTS_PER_SHARD = 4  # small shards: the job's outputs come often enough to time its steady state

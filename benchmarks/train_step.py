@@ -1,17 +1,17 @@
 """Training step time: Ray Train `TorchTrainer` + DeepSpeed ZeRO-3 against a plain PyTorch loop, same model and batch.
 
 Both paths train `pipeline.llm.VideoPoetLM` (the `demo` flavor by default) with AdamW, gradient clipping and the
-warmup + cosine schedule of `train.runner.lr_at` on one fixed batch of text-to-video sequences built by
+warmup + cosine schedule of `train.engine.lr_at` on one fixed batch of text-to-video sequences built by
 `pipeline.sequence.build_sequence`: 8 caption words (or 64 text-embedding positions when the flavor has no word range)
 and a latent video of (5, 8, 8) codes for the demo's 64x64 clips, (5, 16, 16) for a paper-vocabulary flavor (17
-frames of 128x128): 337 and 1,353 tokens per sequence. The trainer path is the product's: `train.runner.fit` on one worker (gloo
-on the CPU, NCCL on a GPU) running `train.engine.build_engine` over `train.llm.Objective`. The plain path is the same
-model and `torch.optim.AdamW` in this process.
+frames of 128x128): 337 and 1,353 tokens per sequence. The trainer path is the product's: the training engine's
+`train.engine.fit` on one worker (gloo on the CPU, NCCL on a GPU), whose step loop runs a recipe that trains the LM's
+loss through DeepSpeed, as `train.llm` does. The plain path is the same model and `torch.optim.AdamW` in this process.
 
 Rounds alternate the two paths and flip their order each round, so load from other processes falls on both. Each
 round drops its first `--warmup` steps (allocator growth, DeepSpeed's first parameter gathers, CUDA kernel selection).
-Step time is taken inside the loop that trains (inside the Ray worker for the trainer): `ratio` = median trainer step
-/ median plain step, target <= 1.15. Wall time end to end (Ray start-up, worker start-up, DeepSpeed initialization)
+Step time is taken inside the loop that trains (inside the Ray worker for the trainer), each round's median kept:
+`ratio` = median over rounds of the trainer's step / the same of the plain step, target <= 1.15. Wall time end to end (Ray start-up, worker start-up, DeepSpeed initialization)
 is reported separately.
 
 Threads: Ray sets a worker's OMP_NUM_THREADS, hence torch's intra-op threads, to the CPUs the worker reserves (1 by
@@ -42,17 +42,15 @@ from typing import Any
 
 import numpy as np
 import ray
-import ray.train
 import torch
 
 from pipeline.config import from_dict, load_config, to_dict
 from pipeline.llm import LLMConfig, VideoPoetLM
 from pipeline.sequence import Task, build_sequence
-from train.engine import DeepSpeedConfig, build_engine, set_lr
+from pipeline.tracking import NullRun
+from train.engine import DeepSpeedConfig, Objective, Recipe, TrainConfig, final_weights, fit, lr_at
 from train.flops import matmul_peak_flops, transformer_flops_per_token
-from train.llm import Objective
 from train.mixture import collate
-from train.runner import TrainConfig, fit, lr_at
 
 WORDS = 8
 TEXT_EMBEDDINGS = 64
@@ -126,38 +124,52 @@ def plain_steps(model_cfg: LLMConfig, train: TrainConfig, batch: dict[str, np.nd
     return times, wall
 
 
-def trainer_loop(config: dict[str, Any]) -> None:
-    """The Ray Train worker: DeepSpeed over the LM's loss, timing each step; reports the times once at the end."""
-    model_cfg = from_dict(LLMConfig, config["model"])
-    train = from_dict(TrainConfig, config["train"])
-    device = torch.device("cuda", torch.cuda.current_device()) if train.use_gpu else torch.device("cpu")
-    torch.manual_seed(train.seed)
-    engine = build_engine(Objective(VideoPoetLM(model_cfg)), train, from_dict(DeepSpeedConfig, config["deepspeed"]))
-    inputs = tensors(config["batch"], device)
-    times = []
-    for step in range(train.steps):
-        synchronize(device)
+class TimedRecipe(Recipe):
+    """The LM's loss on the fixed batch, each step timed inside the worker; the median after the warmup steps comes
+    back as the run's last metrics."""
+
+    def __init__(self, worker):
+        super().__init__(worker)
+        self.model_cfg = from_dict(LLMConfig, worker.config["model"])
+        self.inputs = tensors(worker.config["batch"], worker.device)
+        self.times: list[float] = []
+
+    def modules(self):
+        return {"model": Objective(VideoPoetLM(self.model_cfg))}
+
+    def train_step(self, engines, draw):
+        synchronize(self.worker.device)
         start = time.perf_counter()
-        set_lr(engine, step, train)
-        loss, _ = engine(*inputs)
+        engine = engines["model"]
+        loss, _ = engine(*self.inputs)
         engine.backward(loss)
         engine.step()
         loss.item()
-        times.append(time.perf_counter() - start)
-    # Ray Train keeps only metrics reported with a checkpoint, so the times travel with an (empty) one.
-    with tempfile.TemporaryDirectory() as folder:
-        ray.train.report({"step_times": times, "threads": torch.get_num_threads()},
-                         checkpoint=ray.train.Checkpoint.from_directory(folder))
+        self.times.append(time.perf_counter() - start)
+        return {"loss": loss.item()}
+
+    def metrics(self, sums, seconds):
+        timed = self.times[self.worker.config["warmup"]:]
+        return {"step_s": statistics.median(timed), "threads": float(torch.get_num_threads())}
 
 
-def trainer_steps(name: str, model_cfg: LLMConfig, train: TrainConfig, batch: dict[str, np.ndarray],
-                  out_dir: str) -> tuple[list[float], int, float]:
-    """Seconds per step inside the worker, the worker's torch threads, and the wall time of the whole `fit`."""
+class Bench:
+    """The app config `fit` reads: training settings, DeepSpeed's, nothing tracked."""
+
+    def __init__(self, train: TrainConfig):
+        self.train = train
+        self.deepspeed = DeepSpeedConfig()
+
+
+def trainer_steps(name: str, model_cfg: LLMConfig, train: TrainConfig, batch: dict[str, np.ndarray], warmup: int,
+                  out_dir: str) -> tuple[float, int, float]:
+    """Median seconds per step inside the worker, the worker's torch threads, and the wall time of the whole `fit`."""
     began = time.perf_counter()
-    config = {"model": to_dict(model_cfg), "train": to_dict(train), "deepspeed": to_dict(DeepSpeedConfig()),
-              "batch": batch}
-    result = fit(name, trainer_loop, config, train, out_dir)
-    return result.metrics["step_times"], result.metrics["threads"], time.perf_counter() - began
+    train = replace(train, log_every=train.steps, eval_every=train.steps, checkpoint_every=train.steps, progress=False)
+    result = fit(name, TimedRecipe, Bench(train), out_dir, NullRun(), {}, model=to_dict(model_cfg), batch=batch,
+                 warmup=warmup)
+    final_weights(result)  # the export the run ends with
+    return result.metrics["step_s"], int(result.metrics["threads"]), time.perf_counter() - began
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -212,13 +224,14 @@ def main(argv: list[str] | None = None) -> int:
             for path in ("plain", "trainer") if round_ % 2 == 0 else ("trainer", "plain"):
                 if path == "plain":
                     times, wall = plain_steps(model_cfg, train, batch, train.steps, device)
+                    step = statistics.median(times[args.warmup:])
                 else:
-                    times, threads, wall = trainer_steps(f"round{round_}", model_cfg, train, batch, out_dir)
+                    step, threads, wall = trainer_steps(f"round{round_}", model_cfg, train, batch, args.warmup,
+                                                        out_dir)
                     worker_threads.add(threads)
-                steps[path] += times[args.warmup:]
+                steps[path].append(step)
                 walls[path].append(wall)
-                print(f"round {round_} {path}: median step {median_ms(times[args.warmup:])} ms, {wall:.1f} s in all",
-                      flush=True)
+                print(f"round {round_} {path}: median step {median_ms([step])} ms, {wall:.1f} s in all", flush=True)
     ray.shutdown()
 
     with torch.device("meta"):

@@ -10,13 +10,13 @@ import sys
 
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("train.demo", "run the end-to-end demo on embedded defaults"),
+    "demo": ("apps.demo", "run the end-to-end demo on embedded defaults"),
     "synth": ("pipeline.synth", "write a synthetic audio-visual corpus (MP4 files + manifest)"),
     "probe": ("pipeline.probe", "print stream information of media files as JSON, one object per file"),
     "tokenize": ("tokenize_jobs.job", "tokenize a corpus into Parquet token shards with Ray Data"),
     "shards": ("tokenize_jobs.shards_cli", "inspect token shards: `videopoet shards info OUT`"),
     "train": ("train.cli", "train a tokenizer, the LLM or the super-resolution stage on Ray Train"),
-    "generate": ("train.generate", "sample a task from a trained LLM and write an MP4 (with audio)"),
+    "generate": ("apps.generate", "sample a task from a trained LLM and write an MP4 (with audio)"),
     "eval": ("eval.stage", "evaluate a trained LLM on Ray: FVD, CLIPSIM, fairness, prompt adherence -> MLflow"),
 }
 

@@ -7,9 +7,9 @@ import pytest
 
 from pipeline.media import MediaConfig, decode
 from pipeline.tracking import search_runs
-from train.demo import DemoConfig, main
+from apps.demo import DemoConfig, main
 
-STAGES = {"synth", "check", "video-tokenizer", "audio-tokenizer", "tokenize", "llm", "sr", "generate", "eval"}
+STAGES = {"synth", "check", "video_tokenizer", "audio_tokenizer", "tokenize", "llm", "superres", "generate", "eval"}
 
 
 @pytest.mark.heavy

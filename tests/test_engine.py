@@ -1,10 +1,13 @@
-"""DeepSpeed ZeRO under Ray Train on CPU: config, exact resume from sharded checkpoints, consolidated export."""
+"""The training engine: DeepSpeed config, validation of the train settings, and a tiny recipe under Ray Train with
+ZeRO-3 on 2 CPU workers: exact resume from sharded checkpoints, buffers kept in step with rank 0, the fp32 export."""
+
+import sys
 
 import pytest
 import torch
 
-from train.engine import DeepSpeedConfig, deepspeed_config
-from train.runner import TrainConfig
+from pipeline.config import ConfigError, load_config
+from train.engine import DeepSpeedConfig, Recipe, TrainConfig, deepspeed_config, lr_at
 
 
 def test_deepspeed_config():
@@ -13,54 +16,89 @@ def test_deepspeed_config():
     assert cfg["train_micro_batch_size_per_gpu"] == 3 and cfg["gradient_accumulation_steps"] == 4
     assert cfg["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
     assert cfg["optimizer"]["params"]["torch_adam"] is False and cfg["bf16"]["enabled"] is False
-    assert deepspeed_config(TrainConfig(use_gpu=True), DeepSpeedConfig())["bf16"]["enabled"] is True
+    gpu = deepspeed_config(TrainConfig(use_gpu=True), DeepSpeedConfig())
+    assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["fused"] is True
     with pytest.raises(ValueError, match="offload_params needs"):
-        deepspeed_config(train, DeepSpeedConfig(zero_stage=2, offload_params=True))
+        DeepSpeedConfig(zero_stage=2, offload_params=True)
 
 
-def tiny_loop(config):
-    import ray.train
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=-1", "train.steps must be >= 1"), ("train.lr=0", "train.lr must be a finite number > 0"),
+    ("train.checkpoint_every=0", "train.checkpoint_every must be >= 1"),
+    ("train.min_lr_ratio=2", r"train.min_lr_ratio must lie in \[0, 1\]"),
+    ("train.betas=[0.9, 1.0]", r"train.betas must lie in \[0, 1\)"),
+    ("deepspeed.gradient_accumulation_steps=0", "gradient_accumulation_steps must be >= 1"),
+])
+def test_bad_settings_are_refused_at_load(override, message):
+    from train.llm import LLMTrainConfig
 
-    from train import engine as ds
-    from train.runner import TrainConfig, world
+    with pytest.raises((ConfigError, ValueError), match=message):
+        load_config(LLMTrainConfig, "debug", [override], kind={"": "train_llm", "model": "llm"})
 
-    train = TrainConfig(**config["train"])
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
-    engine = ds.build_engine(model, train, DeepSpeedConfig(zero_stage=config["stage"]))
-    state = ds.restore(engine)
-    rank, _ = world()
-    for step in range(state["step"] if state else 0, train.steps):
-        ds.set_lr(engine, step, train)
-        x = torch.randn(train.batch_size, 8, generator=torch.Generator().manual_seed(1000 * step + rank))
-        loss = (engine(x) - x.sum(-1, keepdim=True)).pow(2).mean()
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+class Counted(torch.nn.Module):
+    """A regression net with a buffer that only rank 0's forward passes would leave as the step count."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
+        self.register_buffer("seen", torch.zeros(()))
+
+    def loss(self, x):
+        self.seen += 1 + torch.rand(())  # differs per rank: the engine must hand rank 0's value around
+        loss = (self.net(x) - x.sum(-1, keepdim=True)).pow(2).mean()
+        return loss, {"loss": loss.detach()}
+
+
+class TinyRecipe(Recipe):
+    def modules(self):
+        from train.engine import Objective
+
+        return {"model": Objective(Counted())}
+
+    def train_step(self, engines, draw):
+        x = torch.randn(self.worker.train.batch_size, 8,
+                        generator=torch.Generator().manual_seed(1000 * draw + self.worker.rank))
+        engine = engines["model"]
+        loss, _ = engine(x)
         engine.backward(loss)
         engine.step()
-        if (step + 1) % train.checkpoint_every == 0 or step + 1 == train.steps:
-            ds.save(engine, step + 1, {"loss": loss.item()}, {})
+        return {"loss": loss.item(), "batches": 1.0}
+
+    def metrics(self, sums, seconds):
+        return {"loss": sums["loss"] / sums["batches"]}
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("stage", [3])
-def test_zero_resume_is_exact(tmp_path, ray_local, stage):
-    from train.engine import consolidated_state_dict
-    from train.runner import fit
-
-    import sys
-
+def test_zero3_resume_is_exact_and_exports_full_weights(tmp_path, ray_local):
     from ray import cloudpickle
+
+    from pipeline.tracking import NullRun
+    from train.engine import final_weights, fit
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
 
-    def run(name, steps):
-        train = dict(steps=steps, batch_size=4, lr=1e-2, warmup_steps=10, checkpoint_every=2, workers=2)
-        result = fit(name, tiny_loop, {"train": train, "stage": stage}, TrainConfig(**train), tmp_path)
-        with result.checkpoint.as_directory() as folder:
-            return consolidated_state_dict(folder)
+    class App:
+        train = TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=10, checkpoint_every=2, workers=2,
+                            progress=False)
+        deepspeed = DeepSpeedConfig(zero_stage=3)
 
-    straight = run("straight", 4)
+    def run(name, steps):
+        App.train = TrainConfig(**{**App.train.__dict__, "steps": steps})
+        return final_weights(fit(name, TinyRecipe, App, tmp_path, NullRun(), {}))
+
+    straight, step = run("straight", 4)
     run("resumed", 2)
-    resumed = run("resumed", 4)
-    assert straight.keys() == resumed.keys() == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    resumed, resumed_step = run("resumed", 4)
+    assert step == resumed_step == 4
+    assert straight.keys() == resumed.keys() == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "seen"}
+    assert straight["net.0.weight"].shape == (32, 8) and straight["net.0.weight"].dtype == torch.float32
     for key in straight:
         torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=1e-6)

@@ -1,1 +1,2 @@
-"""Ray Train + DeepSpeed apps: tokenizer training, LLM pretraining, super-resolution, and the demo."""
+"""Training on the one engine (`train.engine`: Ray Train + DeepSpeed): the video and audio tokenizers, the LLM with the
+task mixture, and super-resolution."""

@@ -1,7 +1,7 @@
 """Token shards on Ray Train workers, shared by the apps that train on them (LLM, super-resolution).
 
 The driver reads the shards as two small materialized Ray datasets, train (every split but `val`) and val, that every
-worker sees whole (`train.runner.fit` splits nothing). A worker keeps its own slice of the rows, a pure function of the
+worker sees whole (`train.engine.fit` splits nothing). A worker keeps its own slice of the rows, a pure function of the
 clip ids, its rank and the world size, so the slice cannot change between a run and its resume.
 """
 

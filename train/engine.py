@@ -1,29 +1,92 @@
-"""DeepSpeed inside Ray Train workers: engine construction, sharded checkpoints, and the consolidated export.
+"""The training engine every app runs on: Ray Train workers, DeepSpeed, the step loop, checkpoints, resume, export.
 
-Every rank writes its ZeRO shard with `engine.save_checkpoint` into its own temporary folder and reports it; Ray
-Train merges the ranks' folders into one checkpoint, so a resume finds every shard in
-`<checkpoint>/deepspeed/<tag>`. DeepSpeed's shards are its own (pickled) resume format; what leaves a run for use
-elsewhere is the consolidated export, safetensors plus config JSON (`pipeline.checkpoint`).
+An app (the video and audio tokenizers, the LLM, super-resolution) gives the engine a `Recipe`, built on every worker:
+its modules, a training step that draws its batch from (seed, draw, rank), how its window sums become logged metrics,
+and its validation. The engine owns everything else, the same way for every app:
 
-The learning rate follows `train.runner.lr_at` and is set on the optimizer's param groups each step, the same
-schedule as the non-DeepSpeed apps.
+- workers: a `TorchTrainer` of `train.workers` workers (gloo on CPU, NCCL with `train.use_gpu`), each reserving
+  `train.cpus_per_worker` CPUs (Ray sets the worker's torch threads to that);
+- optimization: one DeepSpeed engine per module (ZeRO stage 0-3, offload, bf16, gradient accumulation, clipping),
+  AdamW with linear warmup and cosine decay (`lr_at`); a second module, such as a GAN discriminator, gets its own;
+- the loop: every draw reseeds torch from (seed, draw, rank), so random choices inside the models (codebook restarts)
+  replay exactly on resume; modules' buffers follow rank 0's before every draw (as DDP broadcasts them);
+- logging: rank 0 logs every `log_every` steps (window sums averaged over ranks) and validation every `eval_every`
+  steps to MLflow, and prints a progress line (step, loss, steps/s, time left) unless `train.progress` is off;
+- checkpoints: every `checkpoint_every` steps each rank saves its DeepSpeed shards and all ranks report one checkpoint
+  to Ray Train (`report_checkpoint`); a re-run with the same OUT, or a restart after a worker failure
+  (`train.max_failures`), resumes from the latest one. DeepSpeed's shards are its own resume format (pickles: only
+  resume from checkpoints you wrote). The last checkpoint also holds the full fp32 weights of the `model` module as
+  safetensors, which the driver exports (`final_weights`) without unpickling anything.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from train.runner import STATE_FILE, TrainConfig, lr_at
+from pipeline.config import from_dict, load_config, to_dict
+from pipeline.tracking import RUN_FILE, NullRun, attach, start_run
 
+STATE_FILE = "state.json"  # in a checkpoint: the step and the recipe's state
+WEIGHTS_FILE = "model.safetensors"  # in the last checkpoint: the full fp32 weights of the `model` module
+RUN_CONFIG_FILE = "run_config.json"  # in a run folder: the app's resolved config
+MODEL = "model"  # the module a run exports
 TAG = "checkpoint"
-FOLDER = "deepspeed"
+SHARDS_DIR = "deepspeed"
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # per worker and micro-batch
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0: no clipping
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    workers: int = 2
+    # CPUs each worker reserves; Ray sets the worker's OMP_NUM_THREADS, hence torch's intra-op threads, to this.
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before the run fails
+    progress: bool = True  # rank 0 prints a progress line every `log_every` steps
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                     "workers", "cpus_per_worker"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "max_failures", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+        if not (self.weight_decay >= 0 and self.grad_clip >= 0):
+            raise ValueError(f"train.weight_decay and train.grad_clip must be >= 0, got {self.weight_decay!r} and "
+                             f"{self.grad_clip!r}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must lie in [0, 1), got {list(self.betas)}")
 
 
 @dataclass(frozen=True)
@@ -34,89 +97,375 @@ class DeepSpeedConfig:
     gradient_accumulation_steps: int = 1
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
+    def __post_init__(self):
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"deepspeed.gradient_accumulation_steps must be >= 1, got "
+                             f"{self.gradient_accumulation_steps!r}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage = 3")
+
+    def bf16(self, train: TrainConfig) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and train.use_gpu)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio * lr` at `steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
 
 def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig) -> dict[str, Any]:
-    bf16 = ds.precision == "bf16" or (ds.precision == "auto" and train.use_gpu)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
     if ds.offload_params:
-        if ds.zero_stage != 3:
-            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage = 3")
         zero["offload_param"] = {"device": "cpu", "pin_memory": train.use_gpu}
+    adam: dict[str, Any] = {"lr": train.lr, "betas": list(train.betas), "weight_decay": train.weight_decay,
+                            # DeepSpeed's fused CPU Adam is needed only when the optimizer step runs on the CPU by
+                            # offload; otherwise torch's AdamW, fused on GPU.
+                            "torch_adam": not ds.offload_optimizer}
+    if train.use_gpu and not ds.offload_optimizer:
+        adam["adam_w_mode"] = True
+        adam["fused"] = True
     return {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
         "gradient_clipping": train.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": train.lr, "betas": list(train.betas), "weight_decay": train.weight_decay,
-            # DeepSpeed's fused CPU Adam is needed only when the optimizer step runs on the CPU by offload.
-            "torch_adam": not ds.offload_optimizer}},
+        "optimizer": {"type": "AdamW", "params": adam},
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": ds.bf16(train)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
-def build_engine(model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig):
+# ---------------------------------------------------------------------------------------------------- workers
+
+class Objective(torch.nn.Module):
+    """A DeepSpeed engine's module: its forward is the model's `loss`, so DeepSpeed's hooks (ZeRO-3 gathers, gradient
+    reduction) see the whole computation. State dict keys gain the `model.` prefix, which the export removes."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model.loss(*args, **kwargs)
+
+
+@dataclass
+class Worker:
+    """What a recipe knows about the worker it runs on."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype  # the engines' compute dtype: bf16 on GPU by default, fp32 on CPU
+    train: TrainConfig
+    config: dict[str, Any]  # the loop config the driver passed (the app's config and the app's own entries)
+    tracker: Any  # rank 0: the run's MLflow run; other ranks: a NullRun
+
+    def dataset(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+
+class Recipe:
+    """An app's side of training, built on every worker from the loop config: subclasses load their data in
+    `__init__` and implement the methods below. Every rank must run the same collective calls in the same order
+    (ZeRO-3 gathers parameters collectively), so validation runs on every rank."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The modules to optimize, one DeepSpeed engine each; `model` is the one exported."""
+        raise NotImplementedError
+
+    def train_step(self, engines: Mapping[str, Any], draw: int) -> dict[str, float]:
+        """Forward, backward and step of one micro-batch; returns sums to accumulate over the logging window."""
+        raise NotImplementedError
+
+    def metrics(self, sums: dict[str, float], seconds: float) -> dict[str, float]:
+        """Logged metrics from the window's sums (averaged over ranks) and its wall time; `loss` is shown."""
+        raise NotImplementedError
+
+    def validate(self, engines: Mapping[str, Any]) -> dict[str, float]:
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able state saved in every checkpoint beside the step."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back `state()` from the checkpoint a run resumes from."""
+
+    def finish(self, engines: Mapping[str, Any]) -> None:
+        """After the last step, on every rank (rank 0 may log artifacts)."""
+
+
+def world() -> tuple[int, int]:
+    import ray.train
+
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size()
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over workers (a no-op with one worker)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, tensor)}
+
+
+def _build_engine(module: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig):
     import deepspeed
     import ray.train
 
     # DeepSpeed's own launcher exports LOCAL_SIZE (ranks per node). Without it, its CPU accelerator counts NUMA nodes
     # by running `numactl` at every ZeRO-3 gradient reduce: a subprocess per step.
     os.environ.setdefault("LOCAL_SIZE", str(ray.train.get_context().get_local_world_size()))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                          if p.requires_grad],
-                                           config=deepspeed_config(train, ds))
+    engine, _, _, _ = deepspeed.initialize(model=module, config=deepspeed_config(train, ds),
+                                           model_parameters=[p for p in module.parameters() if p.requires_grad])
     return engine
 
 
-def set_lr(engine, step: int, train: TrainConfig) -> float:
-    lr = lr_at(step, train)
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-    return lr
+def _sync_buffers(engines: Mapping[str, Any]) -> None:
+    """Give every rank rank 0's buffers (codebooks moved by EMA in the forward pass), as DDP does each forward."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return
+    for engine in engines.values():
+        for buffer in engine.module.buffers():
+            dist.broadcast(buffer.data, 0)
 
 
-def save(engine, step: int, metrics: dict[str, float], meta: dict[str, Any]) -> None:
-    """Every rank saves its shard and reports it; rank 0 adds the run state."""
+def _full_weights(engine) -> dict[str, torch.Tensor]:
+    """The module's full fp32 state dict on every rank (collective under ZeRO-3): master weights where the optimizer
+    keeps them (ZeRO 1-3, bf16), the parameters themselves otherwise, and the buffers."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        weights[name] = (param.detach() if full is None else full).float().cpu().contiguous()
+    for name, buffer in engine.module.named_buffers():
+        if name in engine.module.state_dict():
+            weights[name] = buffer.detach().cpu().contiguous()
+    return {k.removeprefix(f"{MODEL}."): v for k, v in weights.items()}
+
+
+def report_checkpoint(engines: Mapping[str, Any], step: int, metrics: dict[str, float], state: dict[str, Any],
+                      final: bool) -> None:
+    """Every rank saves its DeepSpeed shards of every engine; rank 0 adds the run state (and, at the end, the full
+    weights); all ranks report the one checkpoint to Ray Train."""
     import ray.train
     import torch.distributed as dist
 
+    rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(os.path.join(tmp, FOLDER), tag=TAG)
-        if ray.train.get_context().get_world_rank() == 0:
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump({"step": step, **meta}, f, indent=2)
+        for name, engine in engines.items():
+            engine.save_checkpoint(os.path.join(tmp, SHARDS_DIR, name), tag=TAG)
+        weights = _full_weights(engines[MODEL]) if final else None
+        if rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+            if weights is not None:
+                save_file(weights, os.path.join(tmp, WEIGHTS_FILE))
         dist.barrier()
         ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def restore(engine) -> dict[str, Any] | None:
-    """Load the latest checkpoint into `engine`; returns its state (step, ...) or None on a fresh start."""
+def restore_checkpoint(engines: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Load the run's latest checkpoint into the engines; its state (step, ...) or None on a fresh start."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        engine.load_checkpoint(os.path.join(folder, FOLDER), tag=TAG)
+        for name, engine in engines.items():
+            engine.load_checkpoint(os.path.join(folder, SHARDS_DIR, name), tag=TAG)
         return json.loads(Path(folder, STATE_FILE).read_text())
 
 
-def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights rebuilt from a checkpoint's ZeRO shards (any stage, any number of ranks)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+class _Progress:
+    """The console line rank 0 prints at each logging step: where the run is and how long it has left."""
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(Path(checkpoint_dir) / FOLDER), tag=TAG)
-    return {k: v.contiguous() for k, v in state.items()}
+    def __init__(self, name: str, start: int, steps: int):
+        self.name, self.start, self.steps = name, start, steps
+        self.began = time.perf_counter()
+
+    def line(self, done: int, metrics: dict[str, float]) -> str:
+        elapsed = time.perf_counter() - self.began
+        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
+        left = (self.steps - done) / rate if rate > 0 else float("nan")
+        loss = f" loss {metrics['loss']:.4f}" if "loss" in metrics else ""
+        return (f"[{self.name}] step {done}/{self.steps}{loss} lr {metrics.get('lr', 0):.2e} "
+                f"{rate:.2f} steps/s, {_duration(elapsed)} elapsed, {_duration(left)} left")
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """The body of every Ray Train worker: build the recipe and its engines, resume, train, checkpoint."""
+    train = from_dict(TrainConfig, config["train"])
+    ds = from_dict(DeepSpeedConfig, config["deepspeed"])
+    rank, world_size = world()
+    device = torch.device("cuda", torch.cuda.current_device()) if train.use_gpu else torch.device("cpu")
+    tracker = attach(config["tracking_uri"], config["run_id"]) if rank == 0 else NullRun()
+    worker = Worker(rank, world_size, device, torch.bfloat16 if ds.bf16(train) else torch.float32, train, config,
+                    tracker)
+    torch.manual_seed(train.seed)  # the same initial weights on every rank
+    recipe: Recipe = config["recipe"](worker)
+    engines = {name: _build_engine(module, train, ds) for name, module in recipe.modules().items()}
+    state = restore_checkpoint(engines)
+    start = 0
+    if state is not None:
+        start = state["step"]
+        recipe.restore(state)
+
+    progress = _Progress(config["name"], start, train.steps)
+    sums: dict[str, float] = {}
+    window_began = time.perf_counter()
+    accumulation = ds.gradient_accumulation_steps
+    for step in range(start, train.steps):
+        lr = lr_at(step, train)
+        for engine in engines.values():
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+        for micro in range(accumulation):
+            draw = step * accumulation + micro
+            torch.manual_seed(int(np.random.default_rng([train.seed, draw, rank]).integers(2**62)))
+            _sync_buffers(engines)
+            for key, value in recipe.train_step(engines, draw).items():
+                sums[key] = sums.get(key, 0.0) + value
+        done = step + 1
+        last = done == train.steps
+        metrics: dict[str, float] = {}
+        if done % train.log_every == 0 or last:
+            metrics = {**recipe.metrics(all_reduce_mean(sums), time.perf_counter() - window_began), "lr": lr}
+            sums, window_began = {}, time.perf_counter()
+        if done % train.eval_every == 0 or last:
+            for engine in engines.values():
+                engine.eval()
+            metrics.update(recipe.validate(engines))
+            for engine in engines.values():
+                engine.train()
+        if metrics:
+            tracker.log_metrics(metrics, step=done)
+            if rank == 0 and train.progress:
+                print(progress.line(done, metrics), flush=True)
+        if done % train.checkpoint_every == 0 or last:
+            report_checkpoint(engines, done, metrics, recipe.state(), final=last)
+    if start < train.steps:
+        recipe.finish(engines)
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+def fit(name: str, recipe: type[Recipe], app: Any, out: str | Path, run: Any, datasets: dict[str, Any],
+        **entries: Any):
+    """Run (or resume) `recipe` on `app.train.workers` Ray Train workers, with checkpoints under
+    OUT/ray/<name>; `entries` reach the workers in `Worker.config`. Returns Ray Train's `Result`."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster import init_ray
+
+    init_ray()
+    train: TrainConfig = app.train
+    for dataset in datasets.values():
+        # Workers iterate these every run; their progress bars would flood the driver's log.
+        dataset.context.enable_progress_bars = False
+    storage = (f"{str(out).rstrip('/')}/ray" if "://" in str(out) else str(Path(out).resolve() / "ray"))
+    loop_config = {"name": name, "recipe": recipe, "app": to_dict(app), "train": to_dict(train),
+                   "deepspeed": to_dict(app.deepspeed), "tracking_uri": run.uri, "run_id": run.run_id, **entries}
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
+                                               resources_per_worker={"CPU": train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+        ),
+        datasets=datasets,
+        # Every worker sees the whole (small, materialized) dataset and takes its own deterministic slice, so the
+        # slice cannot change between a run and its resume.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    return trainer.fit()
 
 
 def final_weights(result) -> tuple[dict[str, torch.Tensor], int]:
-    """The consolidated weights of a finished `fit`'s last checkpoint and its step. The apps' engine module wraps the
-    model as `model` (an objective around it), so that prefix is removed."""
+    """The exported module's full weights in a finished run's last checkpoint, and its step."""
     with result.checkpoint.as_directory() as folder:
-        weights = consolidated_state_dict(folder)
         step = json.loads(Path(folder, STATE_FILE).read_text())["step"]
-    return {k.removeprefix("model."): v for k, v in weights.items()}, step
+        return load_file(str(Path(folder, WEIGHTS_FILE))), step
+
+
+def open_run(app: Any, out: Path, name: str, parent):
+    """The run's MLflow run: a child of `parent`, or the run of a previous invocation being resumed, or a new one."""
+    if parent is not None:
+        return parent.child(name, app)
+    record = out / RUN_FILE
+    if record.exists():
+        saved = json.loads(record.read_text())
+        return attach(saved["uri"], saved["run_id"])
+    run = start_run(app.tracking, out, name, params=app)
+    record.write_text(json.dumps({"uri": run.uri, "run_id": run.run_id}) + "\n")
+    return run
+
+
+def write_run_config(out: Path, config: Mapping[str, Any]) -> None:
+    (out / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_summary(out: Path, run: Any, summary: dict[str, Any]) -> None:
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    run.log_artifact(path)
+
+
+def result_metrics(result) -> dict[str, float]:
+    return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, flavors: str = "debug, demo, paper") -> None:
+    """The options every training app shares: config, overrides, run folder, steps and workers."""
+    parser.add_argument("--config", default="demo", help=f"flavor ({flavors}) or a TOML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.lr=1e-3")
+    parser.add_argument("--out", required=True, help="run folder; re-running with the same folder resumes")
+    parser.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines (train.progress = false)")
+
+
+def app_config(cls: type, args: argparse.Namespace, kind: Mapping[str, str]) -> Any:
+    """The app's config from `add_run_arguments` options; raises ConfigError or ValueError naming the problem."""
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.workers is not None:
+        overrides.append(f"train.workers={args.workers}")
+    if args.quiet:
+        overrides.append("train.progress=false")
+    return load_config(cls, args.config, overrides, kind=kind)

@@ -77,6 +77,35 @@ def rows_from_table(columns: Mapping[str, Sequence[Any]]) -> list[Row]:
     return rows
 
 
+# where each input of a task comes from, for errors that say how to provide it
+INPUT_SOURCES = {"caption": "a `caption` column in the manifest",
+                 "audio": "`videopoet tokenize --audio-tokenizer` on sources with sound",
+                 "structure": "`videopoet tokenize --structure`"}
+
+
+def needs(task: Task) -> tuple[str, ...]:
+    """The inputs a row must have to serve `task`: of "caption", "audio", "structure"."""
+    spec = TASKS[task]
+    found = []
+    if spec.text == "required":
+        found.append("caption")
+    if spec.audio_in != "none" or spec.audio_out != "none":
+        found.append("audio")
+    if spec.video_in == "structure":
+        found.append("structure")
+    return tuple(found)
+
+
+def check_inputs(cfg: MixtureConfig, available: set[str], where: str) -> None:
+    """Refuse, before training starts, a mixture that draws a task whose inputs no row of the data has."""
+    for name, weight in cfg.weights.items():
+        missing = [need for need in needs(Task(name)) if need not in available]
+        if weight > 0 and missing:
+            raise ValueError(f"mixture.weights.{name} = {weight:g}, but no row of {where} has its "
+                             f"{' and '.join(missing)} (provided by {'; '.join(INPUT_SOURCES[m] for m in missing)}): "
+                             f"set --set mixture.weights.{name}=0 or re-tokenize")
+
+
 class Mixture:
     def __init__(self, cfg: MixtureConfig, vocab: Vocabulary, text: TextConditioner, steps: int):
         """`text` turns captions into word tokens or embeddings; `steps` (the run's length) sets the schedule."""
@@ -107,14 +136,8 @@ class Mixture:
 
     def lacks(self, task: Task, row: Row) -> str | None:
         """Why `row` cannot serve `task` (e.g. "caption"), or None."""
-        spec = TASKS[task]
-        if spec.text == "required" and not row.caption:
-            return "caption"
-        if (spec.audio_in != "none" or spec.audio_out != "none") and row.audio is None:
-            return "audio"
-        if spec.video_in == "structure" and row.structure is None:
-            return "structure"
-        return None
+        has = {"caption": bool(row.caption), "audio": row.audio is not None, "structure": row.structure is not None}
+        return next((need for need in needs(task) if not has[need]), None)
 
     def build(self, task: Task, row: Row, rng: np.random.Generator) -> tuple[TaskSequence, TextCondition]:
         spec = TASKS[task]

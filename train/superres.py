@@ -1,4 +1,5 @@
-"""`videopoet train sr`: a super-resolution stage on Ray Train + DeepSpeed, trained on token shards written with `--hr`.
+"""`videopoet train sr`: a super-resolution stage on the training engine (Ray Train + DeepSpeed), trained on token
+shards written with `--hr`.
 
 Data: each clip's low-res codes (`video_tokens`) and the same clip's codes at twice the size (`hr_video_tokens`, same
 video tokenizer), with its caption. Every worker keeps its slice (by clip id) of the training pairs; each step draws
@@ -12,8 +13,8 @@ Validation (loss and token accuracy on the `val` split) runs on every rank with 
 gathers parameters collectively) and is reduced. Rank 0 logs loss, token accuracy (all k sub-tokens right, on masked
 positions), per-sub-token accuracy, learning rate and high-res tokens/s to MLflow.
 
-Outputs: OUT/ray/sr (Ray Train's sharded DeepSpeed checkpoints) and OUT/model (the consolidated safetensors export with
-its config JSON, the word vocabulary and the shards' tokenizer record), which `videopoet generate --sr` reads.
+Outputs: OUT/ray/superres (Ray Train's checkpoints, see `train.engine`) and OUT/model (the safetensors export with its
+config JSON, the word vocabulary and the shards' tokenizer record), which `videopoet generate --sr` reads.
 """
 
 from __future__ import annotations
@@ -33,16 +34,16 @@ import torch
 from pipeline.checkpoint import read_metadata, save_checkpoint
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.generation import text_inputs
-from pipeline.shards import ShardSet, open_shards
+from pipeline.shards import ShardError, ShardSet, open_shards
 from pipeline.superres import SuperResConfig, SuperResTransformer
-from pipeline.text import TextConditioner, TextConfig, WordVocabulary, load_text_conditioner
-from pipeline.tracking import NullRun, TrackingConfig, attach
+from pipeline.text import WORDS_FILE, TextConditioner, TextConfig, WordVocabulary, load_text_conditioner
+from pipeline.tracking import TrackingConfig
 from train.data import shard_columns, split_datasets
-from train.engine import DeepSpeedConfig, build_engine, final_weights, restore, save, set_lr
-from train.runner import TrainConfig, add_run_arguments, all_reduce_mean, app_config, fit, init_ray, open_run, world
+from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments,
+                          all_reduce_mean, app_config, final_weights, fit, open_run, result_metrics, write_run_config,
+                          write_summary)
 
 TOKEN_COLUMNS = ["clip_id", "caption", "split", "video_tokens", "video_shape", "hr_video_tokens", "hr_video_shape"]
-WORDS_FILE = "words.json"
 STATS = ("loss", "accuracy", "factor_accuracy")
 
 
@@ -55,16 +56,9 @@ class SRTrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     val_batches: int = 2
 
-
-class Objective(torch.nn.Module):
-    """The engine's module: its forward is the model's masked-token loss, so DeepSpeed's hooks see all of it."""
-
-    def __init__(self, model: SuperResTransformer):
-        super().__init__()
-        self.model = model
-
-    def forward(self, hr_codes, lr_codes, text=None, text_mask=None, generator=None):
-        return self.model.loss(hr_codes, lr_codes, text, text_mask, generator)
+    def __post_init__(self):
+        if self.val_batches < 0:
+            raise ValueError(f"val_batches must be >= 0, got {self.val_batches!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -107,74 +101,55 @@ def text_conditioner(app: SRTrainConfig, words_json: str) -> TextConditioner:
     return WordVocabulary.from_json(words_json) if app.text.kind == "words" else load_text_conditioner(app.text)
 
 
-# ---------------------------------------------------------------------------------------------------- worker loop
+# ---------------------------------------------------------------------------------------------------- recipe
 
-def train_loop(config: dict[str, Any]) -> None:
-    import ray.train
+class SRRecipe(Recipe):
+    """Each draw takes a batch of this rank's pairs and the generator of its training corruptions."""
 
-    app = from_dict(SRTrainConfig, config["app"])
-    cfg = app.train
-    rank, world_size = world()
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    engine = build_engine(Objective(SuperResTransformer(app.model)), cfg, app.deepspeed)
-    state = restore(engine)
-    start = state["step"] if state else 0
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    def __init__(self, worker: Worker):
+        super().__init__(worker)
+        self.app = from_dict(SRTrainConfig, worker.config["app"])
+        self.text = text_conditioner(self.app, worker.config["words"])
+        self.pairs = pairs_from_columns(shard_columns(worker.dataset("train"), TOKEN_COLUMNS, worker.rank,
+                                                      worker.world_size))
+        if not self.pairs:
+            raise RuntimeError(f"rank {worker.rank}: no training clips in {worker.config['data']}")
+        # Every rank keeps all validation pairs: ZeRO-3 forwards are collective, so all ranks must run the same ones.
+        self.val_pairs = pairs_from_columns(shard_columns(worker.dataset("val"), TOKEN_COLUMNS))
+        self.tokens_per_batch = worker.train.batch_size * math.prod(self.app.model.grid)
 
-    text = text_conditioner(app, config["words"])
-    pairs = pairs_from_columns(shard_columns(ray.train.get_dataset_shard("train"), TOKEN_COLUMNS, rank, world_size))
-    # Every rank keeps all validation pairs: ZeRO-3 forwards are collective, so all ranks must run the same ones.
-    val_pairs = pairs_from_columns(shard_columns(ray.train.get_dataset_shard("val"), TOKEN_COLUMNS))
-    if not pairs:
-        raise RuntimeError(f"rank {rank}: no training clips in {config['data']}")
-    tracker = attach(config["tracking_uri"], config["run_id"]) if rank == 0 else NullRun()
-    tokens_per_batch = cfg.batch_size * math.prod(app.model.grid)
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"model": Objective(SuperResTransformer(self.app.model))}
 
-    sums = dict.fromkeys(STATS, 0.0)
-    batches, window_began = 0, time.perf_counter()
-    accumulation = app.deepspeed.gradient_accumulation_steps
-    for step in range(start, cfg.steps):
-        lr = set_lr(engine, step, cfg)
-        for micro in range(accumulation):
-            inputs, generator = draw_batch(pairs, text, cfg.batch_size, [cfg.seed, step * accumulation + micro, rank],
-                                           device, dtype)
-            loss, stats = engine(*inputs, generator=generator)
-            engine.backward(loss)
-            engine.step()
+    def _batch(self, pairs: list[Pair], key: list[int]):
+        w = self.worker
+        return draw_batch(pairs, self.text, w.train.batch_size, key, w.device, w.dtype)
+
+    def train_step(self, engines, draw: int) -> dict[str, float]:
+        inputs, generator = self._batch(self.pairs, [self.worker.train.seed, draw, self.worker.rank])
+        engine = engines["model"]
+        loss, stats = engine(*inputs, generator=generator)
+        engine.backward(loss)
+        engine.step()
+        return {**{k: stats[k].item() for k in STATS}, "batches": 1.0}
+
+    def metrics(self, sums: dict[str, float], seconds: float) -> dict[str, float]:
+        batches = sums["batches"]
+        return {**{k: sums[k] / batches for k in STATS},
+                "tokens_per_s": batches * self.tokens_per_batch / seconds * self.worker.world_size}
+
+    @torch.no_grad()
+    def validate(self, engines) -> dict[str, float]:
+        """Loss and token accuracy on held-out pairs: `val_batches` forwards on every rank, each on its own batches."""
+        if not self.val_pairs or not self.app.val_batches:
+            return {}
+        sums = dict.fromkeys(STATS, 0.0)
+        for i in range(self.app.val_batches):
+            inputs, generator = self._batch(self.val_pairs, [self.worker.train.seed, i, self.worker.rank, 2])
+            _, stats = engines["model"](*inputs, generator=generator)
             for k in STATS:
-                sums[k] += stats[k].item()
-            batches += 1
-        done = step + 1
-        metrics: dict[str, float] = {}
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            seconds = time.perf_counter() - window_began
-            reduced = all_reduce_mean({**{k: v / batches for k, v in sums.items()},
-                                       "tokens_per_s": batches * tokens_per_batch / seconds})
-            metrics = {**reduced, "tokens_per_s": reduced["tokens_per_s"] * world_size, "lr": lr}
-            sums, batches, window_began = dict.fromkeys(STATS, 0.0), 0, time.perf_counter()
-        if val_pairs and (done % cfg.eval_every == 0 or done == cfg.steps):
-            metrics.update(validate(engine, val_pairs, text, app, device, dtype))
-        if metrics:
-            tracker.log_metrics(metrics, step=done)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save(engine, done, {k: v for k, v in metrics.items() if k in ("loss", "val_loss", "val_accuracy")}, {})
-
-
-@torch.no_grad()
-def validate(engine, pairs: list[Pair], text: TextConditioner, app: SRTrainConfig, device,
-             dtype: torch.dtype) -> dict[str, float]:
-    """Loss and token accuracy on held-out pairs: `val_batches` forwards on every rank, each on its own batches."""
-    rank, _ = world()
-    sums = dict.fromkeys(STATS, 0.0)
-    engine.eval()
-    for i in range(app.val_batches):
-        inputs, generator = draw_batch(pairs, text, app.train.batch_size, [app.train.seed, i, rank, 2], device, dtype)
-        _, stats = engine(*inputs, generator=generator)
-        for k in STATS:
-            sums[k] += stats[k].item() / app.val_batches
-    engine.train()
-    return {f"val_{k}": v for k, v in all_reduce_mean(sums).items()}
+                sums[k] += stats[k].item() / self.app.val_batches
+        return {f"val_{k}": v for k, v in all_reduce_mean(sums).items()}
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -222,24 +197,22 @@ def prepare_text(app: SRTrainConfig, shards: ShardSet, out: Path) -> str:
 def train_sr(app: SRTrainConfig, data: str | list[str], out: str | Path, parent=None) -> dict[str, Any]:
     """Train (or resume) a super-resolution stage on shards; returns the summary also written to OUT/summary.json."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     shards = open_shards(data)
     check_shards(shards, app.model)
+    out.mkdir(parents=True, exist_ok=True)
     words = prepare_text(app, shards, out)
-    (out / "config.json").write_text(json.dumps(to_dict(app), indent=2) + "\n")
+    write_run_config(out, to_dict(app))
 
-    run = open_run(app, out, "sr", parent)
+    run = open_run(app, out, "superres", parent)
     began = time.perf_counter()
-    init_ray()
     with run:
         train_ds, val_ds = split_datasets(shards, TOKEN_COLUMNS)
         with torch.device("meta"):
             parameters = sum(p.numel() for p in SuperResTransformer(app.model).parameters())
         run.log_params({"parameters": parameters, "shards_fingerprint": shards.fingerprint})
         run.log_metrics({"train_clips": train_ds.count(), "val_clips": val_ds.count()})
-        result = fit("sr", train_loop, {"app": to_dict(app), "data": str(data), "words": words,
-                                        "tracking_uri": run.uri, "run_id": run.run_id},
-                     app.train, out, datasets={"train": train_ds, "val": val_ds})
+        result = fit("superres", SRRecipe, app, out, run, {"train": train_ds, "val": val_ds},
+                     data=str(data), words=words)
         weights, step = final_weights(result)
         model = SuperResTransformer(app.model)
         model.load_state_dict(weights)
@@ -250,11 +223,9 @@ def train_sr(app: SRTrainConfig, data: str | list[str], out: str | Path, parent=
             (export / WORDS_FILE).write_text(words)
         run.log_artifact(export, "model")
         summary = {"steps": step, "model": str(export), "fingerprint": read_metadata(export)["fingerprint"],
-                   "parameters": parameters,
-                   "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+                   "parameters": parameters, "metrics": result_metrics(result),
                    "seconds": time.perf_counter() - began}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        run.log_artifact(out / "summary.json")
+        write_summary(out, run, summary)
     return summary
 
 
@@ -266,12 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         app = app_config(SRTrainConfig, args, {"": "train_sr", "model": "superres"})
-    except (ConfigError, ValueError) as e:
-        print(f"videopoet train sr: {e}", file=sys.stderr)
-        return 2
-    try:
         summary = train_sr(app, args.data if len(args.data) > 1 else args.data[0], args.out)
-    except (ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, ShardError, FileNotFoundError) as e:
         print(f"videopoet train sr: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

@@ -27,14 +27,19 @@ import torch
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.magvit import MagvitConfig, MagvitModel, tensor_to_video, video_to_tensor
-from pipeline.manifest import read_manifest
+from pipeline.manifest import ManifestError, read_manifest
 from pipeline.media import MediaConfig
 from pipeline.metrics import codebook_usage, psnr, si_snr, ssim
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
-from pipeline.tracking import NullRun, TrackingConfig, attach
-from train.runner import (TrainConfig, add_run_arguments, all_reduce_mean, app_config, fit, load_latest_checkpoint,
-                          load_optimizer_tensors, lr_at, open_run, optimizer_tensors,
-                          save_checkpoint as report_checkpoint, world)
+from pipeline.tracking import TrackingConfig
+from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, app_config,
+                          final_weights, fit, open_run, result_metrics, write_run_config, write_summary)
+
+
+def _data_parallel() -> DeepSpeedConfig:
+    # Tokenizers have tens of millions of parameters at most: plain data parallelism, no partitioning.
+    return DeepSpeedConfig(zero_stage=0)
+
 
 # ---------------------------------------------------------------------------------------------------- configs
 
@@ -42,6 +47,7 @@ from train.runner import (TrainConfig, add_run_arguments, all_reduce_mean, app_c
 class VideoTokenizerTrainConfig:
     model: MagvitConfig = field(default_factory=MagvitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=_data_parallel)
     media: MediaConfig = field(default_factory=MediaConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     val_clips: int = 16  # held out when the manifest has no split column
@@ -56,6 +62,7 @@ class VideoTokenizerTrainConfig:
 class AudioTokenizerTrainConfig:
     model: SoundStreamConfig = field(default_factory=SoundStreamConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=_data_parallel)
     media: MediaConfig = field(default_factory=MediaConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     val_clips: int = 16
@@ -107,12 +114,12 @@ class VideoModality:
 
     @staticmethod
     @torch.no_grad()
-    def evaluate(model: MagvitModel, data: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    def evaluate(model: MagvitModel, data: np.ndarray, device: torch.device) -> tuple[dict[str, float], np.ndarray]:
         codes, recon = [], []
         for i in range(0, len(data), 8):
-            c = model.encode(video_to_tensor(data[i:i + 8]))
-            codes.append(c.numpy())
-            recon.append(tensor_to_video(model.decode(c)).numpy())
+            c = model.encode(video_to_tensor(data[i:i + 8]).to(device))
+            codes.append(c.cpu().numpy())
+            recon.append(tensor_to_video(model.decode(c)).cpu().numpy())
         recon = np.concatenate(recon)
         usage = codebook_usage(np.concatenate(codes), model.codebook_size)
         metrics = {"val_psnr": psnr(data, recon), "val_ssim": ssim(data, recon),
@@ -164,13 +171,15 @@ class AudioModality:
 
     @staticmethod
     @torch.no_grad()
-    def evaluate(model: SoundStreamModel, data: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
-        codes = model.encode(torch.from_numpy(data))
-        recon = model.decode(codes)
-        reference = torch.from_numpy(data[:, : recon.shape[-1]])
+    def evaluate(model: SoundStreamModel, data: np.ndarray, device: torch.device
+                 ) -> tuple[dict[str, float], np.ndarray]:
+        codes = model.encode(torch.from_numpy(data).to(device))
+        recon = model.decode(codes).float()
+        reference = torch.from_numpy(data[:, : recon.shape[-1]]).to(device)
         window = max(model.config.stft_windows)
         mel_distance = (model.mel_spectrogram(recon, window).clamp_min(1e-5).log()
                         - model.mel_spectrogram(reference, window).clamp_min(1e-5).log()).abs().mean()
+        codes, reference, recon = codes.cpu(), reference.cpu(), recon.cpu()
         per_level = [codebook_usage(codes[:, level].numpy(), model.codebook_size) for level in range(model.levels)]
         metrics = {"val_si_snr": si_snr(reference.numpy(), recon.numpy()), "val_mel_distance": float(mel_distance),
                    "codebook_used": float(np.mean([u["used_fraction"] for u in per_level])),
@@ -227,77 +236,58 @@ def collect(shard, modality: Any, rank: int = 0, world_size: int = 1) -> np.ndar
     return np.concatenate(values)[order][rank::world_size]
 
 
-# ---------------------------------------------------------------------------------------------------- worker loop
+# ---------------------------------------------------------------------------------------------------- recipe
 
-def train_loop(config: dict[str, Any]) -> None:
-    import ray.train
-    from ray.train.torch import prepare_model
+class TokenizerRecipe(Recipe):
+    """Each draw takes `batch_size` of this rank's clips (a view or crop of each); validation reconstructs the
+    held-out clips on every rank (ZeRO-3 would gather parameters collectively) and rank 0 logs them."""
 
-    modality = MODALITIES[config["modality"]]
-    app = from_dict(modality.config_class, config["app"])
-    cfg = app.train
-    rank, world_size = world()
-    torch.manual_seed(cfg.seed)
-    model = modality.build(app.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    start = 0
-    restored = load_latest_checkpoint()
-    if restored is not None:
-        state, tensors = restored
-        model.load_state_dict(tensors["model"])
-        load_optimizer_tensors(optimizer, tensors["optimizer"])
-        start = state["step"]
-    ddp = prepare_model(model)
+    def __init__(self, worker: Worker):
+        super().__init__(worker)
+        self.modality = MODALITIES[worker.config["modality"]]
+        self.app = from_dict(self.modality.config_class, worker.config["app"])
+        self.data = collect(worker.dataset("train"), self.modality, worker.rank, worker.world_size)
+        if len(self.data) == 0:
+            raise RuntimeError(f"rank {worker.rank}: no training clips (manifest {worker.config['manifest']})")
+        self.val = collect(worker.dataset("val"), self.modality)[: max(1, self.app.val_clips)]
+        self.recon: np.ndarray | None = None
 
-    data = collect(ray.train.get_dataset_shard("train"), modality, rank, world_size)
-    if len(data) == 0:
-        raise RuntimeError(f"rank {rank}: no training clips (manifest {config['manifest']})")
-    val = collect(ray.train.get_dataset_shard("val"), modality)[: max(1, app.val_clips)] if rank == 0 else None
-    tracker = attach(config["tracking_uri"], config["run_id"]) if rank == 0 else NullRun()
-    tokens_per_step = 0
-    began = time.perf_counter()
-    for step in range(start, cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        # Every random draw of the step (batch, RVQ restarts) follows (seed, step, rank), so a resume is exact.
-        torch.manual_seed(int(np.random.default_rng([cfg.seed, step, rank]).integers(2**62)))
-        rng = np.random.default_rng([cfg.seed, step, rank])
-        x = modality.batch(data, rng.integers(len(data), size=cfg.batch_size), app, rng)
-        out = ddp(x)
-        loss, terms = model.objective(x, out)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        tokens_per_step = out.codes.numel() * world_size
-        done = step + 1
-        metrics: dict[str, float] = {}
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics = all_reduce_mean({"loss": loss.item(), "grad_norm": grad_norm.item(),
-                                       **{k: v.item() for k, v in terms.items()}})
-            metrics.update(lr=lr_at(step, cfg), clips_per_s=cfg.batch_size * world_size * (done - start)
-                           / (time.perf_counter() - began), tokens_per_step=tokens_per_step)
-        if rank == 0 and val is not None and len(val) and (done % cfg.eval_every == 0 or done == cfg.steps):
-            model.eval()
-            quality, recon = modality.evaluate(model, val)
-            model.train()
-            metrics.update(quality)
-            if done == cfg.steps:
-                _log_samples(tracker, modality, val[: app.samples], recon[: app.samples], app.media.sample_rate)
-        if metrics:
-            tracker.log_metrics(metrics, step=done)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            report_checkpoint(done, {k: v for k, v in metrics.items()},
-                              {"model": model.state_dict(), "optimizer": optimizer_tensors(optimizer)},
-                              {"modality": modality.name, "config": config["app"]})
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"model": Objective(self.modality.build(self.app.model))}
 
+    def train_step(self, engines, draw: int) -> dict[str, float]:
+        rng = np.random.default_rng([self.worker.train.seed, draw, self.worker.rank])
+        index = rng.integers(len(self.data), size=self.worker.train.batch_size)
+        x = self.modality.batch(self.data, index, self.app, rng).to(self.worker.device)
+        engine = engines["model"]
+        loss, terms = engine(x)
+        engine.backward(loss)
+        engine.step()
+        grad_norm = engine.get_global_grad_norm()
+        return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "batches": 1.0,
+                **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})}
 
-def _log_samples(tracker, modality: Any, data: np.ndarray, recon: np.ndarray, sample_rate: int) -> None:
-    import tempfile
+    def metrics(self, sums: dict[str, float], seconds: float) -> dict[str, float]:
+        batches = sums.pop("batches")
+        clips = batches * self.worker.train.batch_size * self.worker.world_size
+        return {**{k: v / batches for k, v in sums.items()}, "clips_per_s": clips / seconds}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        modality.write_samples(data, recon, Path(tmp), sample_rate)
-        tracker.log_artifact(tmp, "samples")
+    def validate(self, engines) -> dict[str, float]:
+        if not len(self.val):
+            return {}
+        model = engines["model"].module.model
+        quality, self.recon = self.modality.evaluate(model, self.val, self.worker.device)
+        return quality
+
+    def finish(self, engines) -> None:
+        if self.worker.rank == 0 and self.recon is not None:
+            import tempfile
+
+            samples = self.app.samples
+            with tempfile.TemporaryDirectory() as tmp:
+                self.modality.write_samples(self.val[:samples], self.recon[:samples], Path(tmp),
+                                            self.app.media.sample_rate)
+                self.worker.tracker.log_artifact(tmp, "samples")
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
@@ -313,36 +303,27 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
 
 def train_tokenizer(modality_name: str, app: Any, manifest: str, out: str | Path, parent=None) -> dict[str, Any]:
     """Train (or resume) a tokenizer; returns the summary also written to OUT/summary.json."""
-    from train.runner import init_ray
-
     modality = MODALITIES[modality_name]
+    name = f"{modality_name}_tokenizer"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(app), indent=2) + "\n")
-    run = open_run(app, out, f"{modality_name}-tokenizer", parent)
+    write_run_config(out, to_dict(app))
+    run = open_run(app, out, name, parent)
     began = time.perf_counter()
-    init_ray()
     with run:
         train_ds, val_ds, failed = clip_datasets(manifest, app.media, app.val_clips)
         run.log_metrics({"train_clips": train_ds.count(), "val_clips": val_ds.count(), "failed_inputs": len(failed)})
-        result = fit(f"{modality_name}-tokenizer", train_loop,
-                     {"modality": modality_name, "app": to_dict(app), "manifest": str(manifest),
-                      "tracking_uri": run.uri, "run_id": run.run_id},
-                     app.train, out, datasets={"train": train_ds, "val": val_ds})
+        result = fit(name, TokenizerRecipe, app, out, run, {"train": train_ds, "val": val_ds},
+                     modality=modality_name, manifest=str(manifest))
+        weights, step = final_weights(result)
         model = modality.build(app.model)
-        with result.checkpoint.as_directory() as folder:
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
-            step = json.loads((Path(folder) / "state.json").read_text())["step"]
+        model.load_state_dict(weights)
         export = save_checkpoint(out / "tokenizer", model, app.model, extra={"steps": step, "manifest": str(manifest)})
         run.log_artifact(export, "tokenizer")
         summary = {"modality": modality_name, "steps": step, "fingerprint": model.fingerprint(),
-                   "tokenizer": str(export), "failed_inputs": failed,
-                   "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+                   "tokenizer": str(export), "failed_inputs": failed, "metrics": result_metrics(result),
                    "seconds": time.perf_counter() - began}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        run.log_artifact(out / "summary.json")
+        write_summary(out, run, summary)
     return summary
 
 
@@ -355,9 +336,9 @@ def main(argv: list[str] | None = None, modality_name: str = "video") -> int:
     args = parser.parse_args(argv)
     try:
         app = app_config(modality.config_class, args, modality.kinds)
-    except (ConfigError, ValueError) as e:
+        summary = train_tokenizer(modality_name, app, args.manifest, args.out)
+    except (ConfigError, ValueError, ManifestError, FileNotFoundError) as e:
         print(f"videopoet train {modality_name}-tokenizer: {e}", file=sys.stderr)
         return 2
-    summary = train_tokenizer(modality_name, app, args.manifest, args.out)
     print(json.dumps({k: v for k, v in summary.items() if k != "failed_inputs"}, indent=2))
     return 0

@@ -1,0 +1,28 @@
+"""The Ray helpers every distributed part of the project shares (tokenize jobs, training, evaluation).
+
+`pipeline/` never imports Ray; `tokenize_jobs/`, `train/` and `eval/` get their Ray session from here, so joining a
+cluster works the same way everywhere: under `ray job submit` (or with RAY_ADDRESS set) an app joins that cluster,
+otherwise it starts an embedded local Ray in-process.
+"""
+
+from __future__ import annotations
+
+import os
+
+LOGS_VARIABLE = "VIDEOPOET_RAY_LOGS"  # "0": keep the workers' output out of the driver's console
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start an embedded local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=os.environ.get(LOGS_VARIABLE, "1") == "1")
+
+
+def gpu_count() -> int:
+    """GPUs in the cluster (0 on a CPU-only cluster or laptop)."""
+    import ray
+
+    init_ray()
+    return int(ray.cluster_resources().get("GPU", 0))

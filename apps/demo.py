@@ -38,6 +38,7 @@ from pipeline.synth import COLORS, MOTIONS, SHAPES, SynthConfig, caption, write_
 from pipeline.tracking import TrackingConfig, start_run
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob
 from train.llm import LLMTrainConfig, train_llm
+from train.mixture import check_inputs
 from train.superres import SRTrainConfig, train_sr
 from train.tokenizers import AudioModality, AudioTokenizerTrainConfig, VideoModality, VideoTokenizerTrainConfig, \
     train_tokenizer
@@ -78,6 +79,11 @@ class DemoConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoConfig.{name} must be >= 1 (adherence is a share of samples), "
                                  f"got {getattr(self, name)}")
+        # The shards the tokenize stage will write: captioned clips with sound, structure videos if asked for.
+        made = {"caption", "audio"} | ({"structure"} if self.tokenize.structure else set())
+        check_inputs(self.llm.mixture, made, "the demo's shards")
+        if not self.tokenize.hr:
+            raise ValueError("tokenize.hr = false: the demo's superres stage trains on the shards' 2x tokens")
 
 
 class Stages:

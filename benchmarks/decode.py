@@ -24,10 +24,10 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import replace
 from pipeline import media
 from pipeline.media import MediaConfig, decode, decode_command, iter_clips
 from pipeline.probe import probe

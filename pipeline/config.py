@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-FLAVORS = ("debug", "demo", "paper")
+# (kind, flavor) -> the flavor file it names: the paper's LLM flavor is its 1B model
+ALIASES = {("llm", "paper"): "1b"}
 
 # Metadata of fields that change how a model runs (attention kernel, compilation), not what it computes: checkpoint
 # fingerprints leave them out (`identity_json`), so a checkpoint keeps its identity when they change.
@@ -104,6 +105,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{cls.__name__}: {e}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own check (`__post_init__`): say which section of the file it is
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}" if prefix else str(e)) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -173,9 +178,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def flavor_path(kind: str, flavor: str) -> Path:
-    path = CONFIG_DIR / kind / f"{flavor}.toml"
+    path = CONFIG_DIR / kind / f"{ALIASES.get((kind, flavor), flavor)}.toml"
     if not path.exists():
-        available = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.toml"))
+        available = sorted([p.stem for p in (CONFIG_DIR / kind).glob("*.toml")] + [f for k, f in ALIASES if k == kind])
         raise ConfigError(f"no flavor {flavor!r} for {kind} configs (available: {', '.join(available)})")
     return path
 
@@ -196,10 +201,11 @@ def load_config(cls: type[T], source: str | Path | None = None, overrides: typin
             if isinstance(kind, str):
                 data = read_toml(flavor_path(kind, source))
             else:
-                if not any((CONFIG_DIR / k / f"{source}.toml").exists() for k in kind.values()):
+                paths = {section: CONFIG_DIR / k / f"{ALIASES.get((k, source), source)}.toml"
+                         for section, k in kind.items()}
+                if not any(path.exists() for path in paths.values()):
                     flavor_path(next(iter(kind.values())), source)  # raises, listing the flavors there are
-                for section, k in kind.items():
-                    path = CONFIG_DIR / k / f"{source}.toml"
+                for section, path in paths.items():
                     if path.exists():
                         if section:
                             data[section] = read_toml(path)
@@ -208,7 +214,3 @@ def load_config(cls: type[T], source: str | Path | None = None, overrides: typin
         else:
             data = read_toml(source)
     return from_dict(cls, apply_overrides(data, overrides))
-
-
-def replace(cfg: T, **changes: Any) -> T:
-    return dataclasses.replace(cfg, **changes)

@@ -1,11 +1,12 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from pipeline.checkpoint import fingerprint, load_checkpoint, read_metadata, save_checkpoint
-from pipeline.config import load_config, replace, to_dict
+from pipeline.config import load_config, to_dict
 from pipeline.magvit import MagvitConfig, MagvitModel
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 

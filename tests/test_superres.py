@@ -1,12 +1,13 @@
 import itertools
 import math
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import Tensor
 
-from pipeline.config import load_config, replace
+from pipeline.config import load_config
 from pipeline.superres import (
     LayerMasks,
     SuperResConfig,

@@ -13,7 +13,8 @@ tests; models pick SDPA there unless told otherwise.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -7,6 +7,7 @@ PyTorch switches FlexAttention's CPU backward off (its compiled CPU backward doe
 generic dense reference, and `flex_backward_on_cpu` switches it back on so gradients can be compared here.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,7 @@ import torch.nn.attention.flex_attention as flex_module
 
 from pipeline.attention import uses_flex
 from pipeline.checkpoint import fingerprint, load_checkpoint, read_metadata, save_checkpoint
-from pipeline.config import ConfigError, load_config, replace
+from pipeline.config import ConfigError, load_config
 from pipeline.llm import LLMConfig, VideoPoetLM, prefix_lm_mask
 from pipeline.superres import SuperResConfig, SuperResTransformer
 from pipeline.vocab import NUM_SPECIAL, Special
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 LLM = load_config(LLMConfig, "debug", kind="llm")
 # A grid of 256 tokens (two 128-token blocks) whose windows (64, 32 and 64 tokens; low-res 16, 8 and 16) pack several
 # to a block.
-SR = replace(load_config(SuperResConfig, "debug", kind="superres"), grid=(2, 16, 8),
+SR = dataclasses.replace(load_config(SuperResConfig, "debug", kind="superres"), grid=(2, 16, 8),
              windows=((1, 16, 4), (1, 4, 8), (2, 8, 4)))
 # float32 kernels sum in different orders: outputs and gradients agree to this (measured: ~1e-7).
 ATOL = 1e-5
@@ -40,8 +41,8 @@ def flex_backward_on_cpu(monkeypatch):
 def pair(model_class, cfg, seed: int = 0):
     """Two models with the same weights: SDPA and FlexAttention."""
     torch.manual_seed(seed)
-    sdpa = model_class(replace(cfg, attention="sdpa"))
-    flex = model_class(replace(cfg, attention="flex"))
+    sdpa = model_class(dataclasses.replace(cfg, attention="sdpa"))
+    flex = model_class(dataclasses.replace(cfg, attention="flex"))
     flex.load_state_dict(sdpa.state_dict())
     return sdpa, flex
 
@@ -153,7 +154,7 @@ def test_config_fields_are_validated():
     with pytest.raises(ValueError, match="LLMConfig.attention"):
         LLMConfig(attention="flash")
     with pytest.raises(ValueError, match="SuperResConfig.attention"):
-        replace(SR, attention="auto")
+        dataclasses.replace(SR, attention="auto")
     with pytest.raises(ConfigError, match="attention"):
         load_config(LLMConfig, "debug", ["attention=\"flash\""], kind="llm")
     assert load_config(LLMConfig, "debug", ["attention=flex", "compile=true"], kind="llm").compile
@@ -168,7 +169,7 @@ def test_runtime_fields_keep_the_checkpoint_identity(tmp_path, model_class, cfg)
     checkpoint written before the fields existed still loads."""
     torch.manual_seed(0)
     model = model_class(cfg)
-    other = model_class(replace(cfg, attention="flex"))
+    other = model_class(dataclasses.replace(cfg, attention="flex"))
     other.load_state_dict(model.state_dict())
     assert list(other.state_dict()) == list(model.state_dict())
     assert fingerprint(other.config, other.state_dict()) == fingerprint(cfg, model.state_dict())

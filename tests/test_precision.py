@@ -7,11 +7,13 @@ Tolerances (bf16 keeps 8 mantissa bits, a relative step of 2^-8 = 0.4%): the los
 relative, cosine 0.99999, relative error 0.4%).
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import load_config, replace
+from pipeline.config import load_config
 from pipeline.llm import LLMConfig, VideoPoetLM
 from pipeline.quantizers import LFQ, LFQConfig, ResidualVQ, RVQConfig
 from pipeline.superres import SuperResConfig, SuperResTransformer
@@ -120,7 +122,7 @@ def test_compiled_blocks_match_eager(name, backend, monkeypatch):
     model_class, cfg, loss_fn, batch_fn = CASES[name]
     torch.manual_seed(0)
     eager = model_class(cfg)
-    compiled = model_class(replace(cfg, compile=True))
+    compiled = model_class(dataclasses.replace(cfg, compile=True))
     compiled.load_state_dict(eager.state_dict())
     assert list(compiled.state_dict()) == list(eager.state_dict())
     batch = batch_fn()

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from pipeline.superres import SPATIAL_SCALE, Block
+from pipeline.superres import SPATIAL_SCALE, Block, LayerMasks, text_mask
 
 SCALES = (1, 2, 4)
 
@@ -35,20 +35,21 @@ def windows_for(grid: tuple[int, int, int]) -> tuple[tuple[int, int, int], ...]:
     return (1, h, 4), (1, 4, 16), (t, 4, 4)
 
 
-def inputs(grid: tuple[int, int, int], width: int, text_len: int) -> tuple[torch.Tensor, ...]:
+def inputs(grid: tuple[int, int, int], width: int, text_len: int) -> tuple:
     g = torch.Generator().manual_seed(0)
     t, h, w = grid
     x = torch.randn(1, t, h, w, width, generator=g, requires_grad=True)
     lr = torch.randn(1, t, h // SPATIAL_SCALE, w // SPATIAL_SCALE, width, generator=g)
     text = torch.randn(1, text_len, width, generator=g)
-    return x, lr, text, torch.ones(1, text_len, dtype=torch.bool)
+    masks = [LayerMasks(None, None, text_mask("sdpa", math.prod(grid), torch.ones(1, text_len, dtype=torch.bool)))] * 3
+    return x, lr, text, masks
 
 
-def step(block: Block, args: tuple[torch.Tensor, ...]) -> None:
+def step(block: Block, args: tuple) -> None:
     block(*args).square().mean().backward()
 
 
-def activation_bytes(block: Block, args: tuple[torch.Tensor, ...]) -> int:
+def activation_bytes(block: Block, args: tuple) -> int:
     """Bytes of the distinct non-parameter storages that autograd saves for backward during one forward."""
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     seen: dict[int, int] = {}

@@ -25,6 +25,7 @@ from pipeline.config import from_dict
 from pipeline.magvit import tensor_to_video, video_to_tensor
 from pipeline.media import MediaConfig, decode, decode_audio
 from pipeline.metrics import psnr, si_snr, ssim
+from train.engine import RUN_CONFIG_FILE
 
 
 def media_files(paths: list[str]) -> list[Path]:
@@ -44,8 +45,8 @@ def audio_clips(path: str, media: MediaConfig) -> list[np.ndarray]:
 
 
 def training_media(tokenizer_dir: Path) -> MediaConfig:
-    """The media settings of the run that trained the tokenizer (its config.json beside the export)."""
-    run_config = tokenizer_dir.parent / "config.json"
+    """The media settings of the run that trained the tokenizer (its run config beside the export)."""
+    run_config = tokenizer_dir.parent / RUN_CONFIG_FILE
     if run_config.exists():
         return from_dict(MediaConfig, json.loads(run_config.read_text())["media"])
     return MediaConfig()

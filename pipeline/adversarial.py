@@ -1,7 +1,7 @@
 """Optional training signals of the tokenizers: GAN discriminators and a perceptual loss.
 
-They are separate modules that a trainer builds next to a tokenizer (their weights are not part of the tokenizer's
-checkpoint or fingerprint), configured by the tokenizer's config:
+They are separate modules that the training app (`train.tokenizers`) builds next to a tokenizer, configured by its
+training config (their weights are not part of the tokenizer's checkpoint or fingerprint):
 
 - `VideoDiscriminator`: a 3D convolutional patch discriminator for MAGVIT-v2, hinge loss with LeCam regularization
   (Tseng et al. 2021): the discriminator's outputs on real (fake) data are pulled towards the moving average of its
@@ -30,6 +30,12 @@ def hinge_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor
     return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
 
 
+def _check_common(cfg) -> None:
+    if cfg.channels < 1 or cfg.weight < 0 or cfg.start_step < 0:
+        raise ValueError(f"discriminator: channels must be >= 1, weight >= 0 and start_step >= 0, got "
+                         f"{cfg.channels!r}, {cfg.weight!r}, {cfg.start_step!r}")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Video discriminator with LeCam regularization
 
@@ -40,9 +46,18 @@ class VideoDiscriminatorConfig:
     channels: int = 64
     channel_mults: tuple[int, ...] = (2, 4, 4, 4)  # one stride-2 (time and space) block per entry
     weight: float = 0.1  # of the generator's adversarial loss
+    # Scale the adversarial term by |grad of the other losses| / |grad of the adversarial loss| at the decoder's last
+    # layer (VQGAN's balance), times `weight`, so it neither drowns nor is drowned by the reconstruction.
+    adaptive_weight: bool = False
     lecam_weight: float = 0.001
     lecam_decay: float = 0.999
-    start_step: int = 0  # trainers add the adversarial loss from this step on
+    start_step: int = 0  # the discriminator trains, and the generator gets its adversarial loss, from this step on
+
+    def __post_init__(self):
+        _check_common(self)
+        if not (0 <= self.lecam_decay < 1 and self.lecam_weight >= 0):
+            raise ValueError(f"discriminator: lecam_decay must lie in [0, 1) and lecam_weight be >= 0, got "
+                             f"{self.lecam_decay!r} and {self.lecam_weight!r}")
 
 
 class VideoDiscriminator(nn.Module):
@@ -92,6 +107,13 @@ class STFTDiscriminatorConfig:
     strides: tuple[int, ...] = (2, 2, 2, 2, 2, 2)  # frequency stride of each block; time strides alternate 1, 2
     weight: float = 1.0  # of the generator's adversarial loss
     feature_weight: float = 100.0  # of the feature-matching loss (SoundStream's lambda_feat)
+    start_step: int = 0  # the discriminator trains, and the generator gets its adversarial losses, from this step on
+
+    def __post_init__(self):
+        _check_common(self)
+        if self.feature_weight < 0 or self.hop < 1 or self.window < 2:
+            raise ValueError(f"discriminator: feature_weight must be >= 0, hop >= 1 and window >= 2, got "
+                             f"{self.feature_weight!r}, {self.hop!r}, {self.window!r}")
 
 
 class STFTDiscriminator(nn.Module):

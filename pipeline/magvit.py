@@ -22,8 +22,8 @@ and every up-sampled sub-frame starts as a copy of the trained one. The inflated
 the image model does and latent frame j of a video as the image model tokenizes frame 4j; video training starts there.
 
 Training: `loss(x)` is reconstruction + LFQ (commitment + entropy penalty). The optional perceptual loss and 3D GAN
-discriminator (LeCam-regularized) live in `pipeline.adversarial` and are configured here (`perceptual_*`,
-`[discriminator]`); a trainer adds them to `objective(x, out)` so their weights stay out of tokenizer checkpoints.
+discriminator (LeCam-regularized) live in `pipeline.adversarial` and are training settings of the app
+(`train.tokenizers`), which adds them to `objective(x, out)`; their weights stay out of tokenizer checkpoints.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from pipeline.adversarial import VideoDiscriminatorConfig
 from pipeline.checkpoint import fingerprint
 from pipeline.quantizers import LFQ, LFQConfig, Quantized, bits_to_codes
 
@@ -256,9 +255,6 @@ class MagvitConfig:
     quantizer: LFQConfig = field(default_factory=LFQConfig)
     recon_loss: Literal["l1", "l2"] = "l2"
     recon_weight: float = 1.0
-    perceptual_weight: float = 0.0  # > 0 needs perceptual_path (pipeline.adversarial.PerceptualLoss)
-    perceptual_path: str = ""
-    discriminator: VideoDiscriminatorConfig = field(default_factory=VideoDiscriminatorConfig)
 
     def __post_init__(self):
         if len(self.temporal_downsample) != len(self.channel_mults) - 1:
@@ -268,8 +264,6 @@ class MagvitConfig:
             if (self.base_channels * m) % self.norm_groups:
                 raise ValueError(f"MagvitConfig: width {self.base_channels * m} is not divisible by "
                                  f"norm_groups={self.norm_groups}")
-        if self.perceptual_weight > 0 and not self.perceptual_path:
-            raise ValueError("MagvitConfig: perceptual_weight > 0 needs perceptual_path")
 
 
 @dataclass

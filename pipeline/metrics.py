@@ -3,7 +3,8 @@
 Conventions, stated because implementations differ: PSNR over uint8 pixels (peak 255) of whole clips; SSIM per
 frame with an 11-tap Gaussian window (sigma 1.5), population covariances and the standard constants K1 = 0.01,
 K2 = 0.03, averaged over channels, frames and clips (as scikit-image's `structural_similarity` with
-`gaussian_weights=True, use_sample_covariance=False`); SI-SNR in dB with both signals mean-removed.
+`gaussian_weights=True, use_sample_covariance=False`); SI-SNR in dB with both signals mean-removed; sharpness as the
+ratio of mean spatial gradient magnitudes, estimate over reference.
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ def si_snr(reference: np.ndarray, estimate: np.ndarray, eps: float = 1e-12) -> f
     target = scale * reference
     noise = estimate - target
     return float(np.mean(10 * np.log10(((target**2).sum(-1) + eps) / ((noise**2).sum(-1) + eps))))
+
+
+def sharpness(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """Edge sharpness of `estimate` relative to `reference`, images or clips (..., H, W, C): the ratio of their mean
+    spatial gradient magnitudes (finite differences along H and W). 1 keeps the edges; below 1 is blur."""
+    reference, estimate = _same_shape(reference, estimate, "sharpness")
+    if reference.ndim < 3:
+        raise ValueError(f"sharpness: expected (..., H, W, C) arrays, got shape {reference.shape}")
+
+    def gradient(x: np.ndarray) -> float:
+        dy, dx = np.diff(x, axis=-3)[..., :, :-1, :], np.diff(x, axis=-2)[..., :-1, :, :]
+        return float(np.sqrt(dy**2 + dx**2).mean())
+
+    return gradient(estimate) / max(gradient(reference), 1e-12)
 
 
 def codebook_usage(codes: np.ndarray, codebook_size: int) -> dict[str, float]:

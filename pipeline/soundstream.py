@@ -19,8 +19,8 @@ drops every partial above ~500 Hz (the overtone that carries the clip's color), 
 `preemphasis_weight` adds an L1 term on pre-emphasized waveforms (`preemphasis`), which weighs an error by roughly
 its frequency; the demo flavor's weight recovers the overtones within the same budget.
 The RVQ codebooks learn by EMA inside forward in training mode (see `pipeline.quantizers`). The optional STFT
-discriminator lives in `pipeline.adversarial` (configured by `[discriminator]`); a trainer adds its generator loss to
-`objective(x, out)`.
+discriminator lives in `pipeline.adversarial`, configured by the training app (`train.tokenizers`), which adds its
+generator loss to `objective(x, out)`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from pipeline.adversarial import STFTDiscriminatorConfig
 from pipeline.checkpoint import fingerprint
 from pipeline.quantizers import Quantized, ResidualVQ, RVQConfig
 
@@ -171,7 +170,6 @@ class SoundStreamConfig:
     waveform_weight: float = 1.0
     spectral_weight: float = 1.0
     preemphasis_weight: float = 0.0  # L1 between pre-emphasized waveforms (see `preemphasis`)
-    discriminator: STFTDiscriminatorConfig = field(default_factory=STFTDiscriminatorConfig)
 
 
 @dataclass

@@ -169,7 +169,6 @@ def test_demo_flavor_sizes():
     model = SoundStreamModel(cfg)
     assert model.latent_shape(34000) == (cfg.quantizer.levels, 106)
     assert 2 <= cfg.quantizer.levels <= 4 and 64 <= model.codebook_size <= 256
-    assert not cfg.discriminator.enabled
 
 
 def test_debug_overfits_a_few_clips():

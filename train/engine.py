@@ -144,15 +144,17 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- workers
 
 class Objective(torch.nn.Module):
-    """A DeepSpeed engine's module: its forward is the model's `loss`, so DeepSpeed's hooks (ZeRO-3 gathers, gradient
-    reduction) see the whole computation. State dict keys gain the `model.` prefix, which the export removes."""
+    """A DeepSpeed engine's module: its forward is the model's loss method (`loss`, or e.g. `discriminator_loss`), so
+    DeepSpeed's hooks (ZeRO-3 gathers, gradient reduction) see the whole computation. State dict keys gain the
+    `model.` prefix, which the export removes."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, method: str = "loss"):
         super().__init__()
         self.model = model
+        self.method = method
 
     def forward(self, *args, **kwargs):
-        return self.model.loss(*args, **kwargs)
+        return getattr(self.model, self.method)(*args, **kwargs)
 
 
 @dataclass

@@ -47,6 +47,7 @@ from pipeline.generation import SamplingConfig
 from pipeline.manifest import read_manifest
 from pipeline.media import MediaConfig, write_video
 from pipeline.sequence import Task
+from pipeline.storage import save_text
 from pipeline.synth import ATTRIBUTES
 from pipeline.tracking import TrackingConfig, attach, start_run
 from train.generate import model_dir
@@ -243,7 +244,7 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
     random = is_random(cfg.i3d, cfg.clip)
     texts = protocols(cfg.i3d, cfg.clip, media, cfg.covariance, random, cfg.init_seed)
     labels = {"clip": " (RANDOM-INIT CLIP)" if random["clip"] else "", "oracle": ""}
-    (out / "eval_config.json").write_text(to_json(cfg) + "\n")
+    save_text(out / "eval_config.json", to_json(cfg) + "\n")
 
     run = parent.child("eval", cfg) if parent is not None else start_run(cfg.tracking, out, "eval", params=cfg)
     with run:
@@ -276,7 +277,7 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
             plot_attributes(report["fairness"]["attributes"], out / "plots" / "attributes.png", labels)
         report["seconds"] = time.perf_counter() - began
         report["run_id"], report["tracking_uri"] = run.run_id, run.uri
-        (out / "metrics.json").write_text(json.dumps(jsonable(report), indent=2) + "\n")
+        save_text(out / "metrics.json", json.dumps(jsonable(report), indent=2) + "\n")
         run.log_metrics({**flat_metrics(report), "seconds": report["seconds"]})
         for path in (out / "metrics.json", out / "samples.parquet", out / "eval_config.json"):
             run.log_artifact(path)

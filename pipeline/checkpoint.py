@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.config import from_dict, identity_json, to_dict
+from pipeline.storage import atomic_path, save_text
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -68,12 +68,6 @@ def fingerprint(config: Any, state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:FINGERPRINT_CHARS]
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(directory: str | Path, model: nn.Module, config: Any, extra: dict[str, Any] | None = None) -> Path:
     """Write `model.safetensors` and `config.json` under `directory` (created); returns the directory."""
     kind = kind_of(model)
@@ -90,8 +84,9 @@ def save_checkpoint(directory: str | Path, model: nn.Module, config: Any, extra:
         "fingerprint": fingerprint(config, tensors),
         "extra": extra or {},
     }
-    _write_atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
-    _write_atomic(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    save_text(directory / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True))
     return directory
 
 

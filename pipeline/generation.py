@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.checkpoint import load_checkpoint, read_metadata
+from pipeline.checkpoint import CONFIG_FILE, load_checkpoint, read_metadata
 from pipeline.config import from_dict
 from pipeline.magvit import tensor_to_video, video_to_tensor
 from pipeline.masking import DecodingConfig
@@ -87,7 +87,11 @@ class SuperResStage:
         self.source = source
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu") -> "SuperResStage":
+    def load(cls, model_dir: str | Path, device: str = "cpu",
+             text_encoder: str | Path | None = None) -> "SuperResStage":
+        """A stage conditioned by a frozen text encoder takes it from `text_encoder`, a folder the caller names,
+        never from a path in the export's JSON: loading an encoder runs a `torch.export` program, which data (a
+        downloaded export) must not be able to choose."""
         model_dir = Path(model_dir)
         meta = read_metadata(model_dir)
         tokenizers = meta["extra"].get("tokenizers")
@@ -96,8 +100,14 @@ class SuperResStage:
                              f"(kind {meta['kind']!r})")
         location = _local(tokenizers["video"]["location"])
         text_cfg = from_dict(TextConfig, meta["extra"]["text"])
-        text = WordVocabulary.load(model_dir / WORDS_FILE) if text_cfg.kind == "words" else \
-            load_text_conditioner(text_cfg)
+        if text_cfg.kind == "words":
+            text = WordVocabulary.load(model_dir / WORDS_FILE)
+        elif text_encoder is None:
+            raise ValueError(f"{model_dir}: conditioned on a frozen text encoder (its {CONFIG_FILE} names "
+                             f"{text_cfg.path!r}); an encoder is a program, so an export never chooses one: pass "
+                             "the encoder folder you trust (text_encoder=DIR; videopoet generate --sr-text-encoder)")
+        else:
+            text = load_text_conditioner(replace(text_cfg, path=str(text_encoder)))
         return cls(load_checkpoint(model_dir, device), load_checkpoint(location, device), text,
                    read_metadata(location)["fingerprint"], str(model_dir))
 
@@ -151,8 +161,10 @@ class VideoPoet:
         self.stages = list(stages)
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu", sr: Sequence[str | Path] = ()) -> "VideoPoet":
-        """An LLM export, and the super-resolution exports `sr` to cascade after it, lowest resolution first."""
+    def load(cls, model_dir: str | Path, device: str = "cpu", sr: Sequence[str | Path] = (),
+             sr_text_encoder: str | Path | None = None) -> "VideoPoet":
+        """An LLM export, and the super-resolution exports `sr` to cascade after it, lowest resolution first
+        (`sr_text_encoder`: the text encoder folder of stages conditioned on one, see `SuperResStage.load`)."""
         model_dir = Path(model_dir)
         extra = read_metadata(model_dir)["extra"]
         tokenizers = extra.get("tokenizers")
@@ -162,7 +174,7 @@ class VideoPoet:
         video = load_checkpoint(video_dir, device)
         audio = load_checkpoint(_local(tokenizers["audio"]["location"]), device) if tokenizers.get("audio") else None
         media = from_dict(MediaConfig, extra["media"]["media"])
-        stages = [SuperResStage.load(stage_dir, device) for stage_dir in sr]
+        stages = [SuperResStage.load(stage_dir, device, sr_text_encoder) for stage_dir in sr]
         poet = cls(load_checkpoint(model_dir, device), video, audio, WordVocabulary.load(model_dir / WORDS_FILE),
                    media, stages)
         check_cascade(poet.latent_grid, read_metadata(video_dir)["fingerprint"], stages)

@@ -2,8 +2,11 @@
 
 Every manifest has a path column (`path` or `uri`) and optionally `caption`, `id`, `split` and any extra columns.
 The returned table always has `path` (resolved: relative paths joined to the manifest's folder, URIs kept as they are),
-`source` (the path as written, a stable name that does not depend on where the corpus is mounted), `caption` (null
-when empty or absent) and `id` (given, or the source). Manifests themselves may live behind any pyarrow filesystem URI.
+`source` (the path as written, a stable name that does not depend on where the corpus is mounted, with credentials in
+a URI masked by `pipeline.storage.redact`: it goes into shards and error tables), `caption` (null when empty or
+absent) and `id` (given, or the source). Manifests themselves may live behind any pyarrow filesystem URI, without
+query parameters that would configure the filesystem client (`pipeline.storage.check_uri`); a row's URI with such
+parameters fails that row when it is read (`unsafe_uri`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pyarrow.fs as pa_fs
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from pipeline.storage import is_uri, resolve_filesystem
+from pipeline.storage import UnsafeUri, is_uri, redact, resolve_filesystem
 
 PATH_COLUMNS = ("path", "uri")
 
@@ -64,13 +67,16 @@ def _read_hf_dataset(location: str) -> pa.Table:
 
 def _read_table(location: str) -> tuple[pa.Table, str]:
     """The manifest's rows and the folder its relative paths resolve against."""
-    fs, path = resolve_filesystem(location)
+    try:
+        fs, path = resolve_filesystem(location)
+    except UnsafeUri as e:
+        raise ManifestError(f"manifest {e}") from None
     info = fs.get_file_info(path)
     if info.type == pa_fs.FileType.NotFound:
-        raise ManifestError(f"manifest {location} does not exist")
+        raise ManifestError(f"manifest {redact(location)} does not exist")
     if info.type == pa_fs.FileType.Directory:
         if not _is_hf_dataset(fs, path):
-            raise ManifestError(f"manifest {location} is a folder but not a saved Hugging Face dataset")
+            raise ManifestError(f"manifest {redact(location)} is a folder but not a saved Hugging Face dataset")
         return _read_hf_dataset(location), location
     suffix = posixpath.splitext(path)[1].lower()
     try:
@@ -84,8 +90,8 @@ def _read_table(location: str) -> tuple[pa.Table, str]:
         if suffix in (".parquet", ".pq"):
             return pq.read_table(path, filesystem=fs), _parent(location)
     except (pa.ArrowInvalid, OSError) as e:
-        raise ManifestError(f"manifest {location}: cannot parse as {suffix[1:]}: {e}") from None
-    raise ManifestError(f"manifest {location}: unknown format {suffix or '(no suffix)'}; "
+        raise ManifestError(f"manifest {redact(location)}: cannot parse as {suffix[1:]}: {e}") from None
+    raise ManifestError(f"manifest {redact(location)}: unknown format {suffix or '(no suffix)'}; "
                         "use .jsonl, .csv, .parquet or a saved Hugging Face dataset folder")
 
 
@@ -94,27 +100,28 @@ def read_manifest(location: str | Path) -> pa.Table:
     table, base = _read_table(location)
     path_column = next((c for c in PATH_COLUMNS if c in table.column_names), None)
     if path_column is None:
-        raise ManifestError(f"manifest {location} has no path column (one of {PATH_COLUMNS}); "
+        raise ManifestError(f"manifest {redact(location)} has no path column (one of {PATH_COLUMNS}); "
                             f"columns: {table.column_names}")
     sources = table.column(path_column).cast(pa.string()).to_pylist()
     for row, source in enumerate(sources):
         if not source:
-            raise ManifestError(f"manifest {location}: row {row} has an empty {path_column}")
+            raise ManifestError(f"manifest {redact(location)}: row {row} has an empty {path_column}")
     resolved = [s if is_uri(s) or Path(s).is_absolute() else _join(base, s) for s in sources]
 
     caption = (table.column("caption").cast(pa.string()) if "caption" in table.column_names
                else pa.nulls(len(table), pa.string()))
     caption = pc.if_else(pc.equal(pc.utf8_trim_whitespace(caption), ""), pa.scalar(None, pa.string()), caption)
-    ids = pa.array(sources, pa.string())
+    written = [redact(s) for s in sources]
+    ids = pa.array(written, pa.string())
     if "id" in table.column_names:  # rows without an id fall back to their source
         ids = pc.coalesce(table.column("id").cast(pa.string()).combine_chunks(), ids)
     duplicates = pc.filter(pc.value_counts(ids).field("values"), pc.greater(pc.value_counts(ids).field("counts"), 1))
     if len(duplicates):
-        raise ManifestError(f"manifest {location}: duplicate ids, for example {duplicates[0].as_py()!r} "
+        raise ManifestError(f"manifest {redact(location)}: duplicate ids, for example {duplicates[0].as_py()!r} "
                             "(each input must appear once, or clips would be duplicated)")
 
     extras = [c for c in table.column_names if c not in (path_column, "path", "caption", "id", "source")]
-    columns = {"id": ids, "path": pa.array(resolved, pa.string()), "source": pa.array(sources, pa.string()),
+    columns = {"id": ids, "path": pa.array(resolved, pa.string()), "source": pa.array(written, pa.string()),
                "caption": caption}
     columns.update({c: table.column(c) for c in extras})
     return pa.table(columns)

@@ -7,6 +7,10 @@ Sizes: `width`/`height` are the display size (sample aspect ratio applied, then 
 decoder's frames are shaped like because ffmpeg autorotates; `coded_width`/`coded_height` are the stored size.
 `rotation` is the clockwise rotation in degrees (0, 90, 180, 270) that turns a stored frame upright.
 
+Header values are data: a number that does not parse or is not finite (a `rotate` tag of `abc` or `nan`, a frame
+rate of `25/0`) reads as absent, and any other failure on one file is that file's typed error (`InternalError`).
+ffmpeg reads inputs under `pipeline.ffmpeg.input_args`: media demuxers only, local files only.
+
     videopoet probe FILE...    one JSON object per file; exit code 1 if any file failed
 """
 
@@ -15,12 +19,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from pipeline.ffmpeg import MediaError, NotMedia, ffmpeg_exe, ffmpeg_url, ffprobe_exe, last_line, local_file, run
+from pipeline.ffmpeg import (MAX_PIXELS, InternalError, MediaError, NotMedia, ffmpeg_exe, ffmpeg_url, ffprobe_exe,
+                             input_args, last_line, local_file, refusal, run)
 
 
 # ---------------------------------------------------------------------------------------------------- info
@@ -103,21 +109,28 @@ def _has_alpha(pix_fmt: Optional[str], alpha_mode: Optional[str]) -> bool:
                               or pix_fmt == "pal8")
 
 
-def _rotation_from(display_matrix_degrees: Optional[float], rotate_tag: Optional[str]) -> int:
+def _number(text: Any) -> Optional[float]:
+    """A finite number, or None for anything else (`abc`, `nan`, `inf`, `1e999`, None)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _rotation_from(display_matrix_degrees: Optional[str], rotate_tag: Optional[str]) -> int:
     # The display matrix angle is counter-clockwise; the legacy `rotate` tag is clockwise.
-    if display_matrix_degrees is not None:
-        return int(round(-display_matrix_degrees)) % 360
-    if rotate_tag:
-        return int(round(float(rotate_tag))) % 360
+    if (angle := _number(display_matrix_degrees)) is not None:
+        return int(round(-angle)) % 360
+    if (angle := _number(rotate_tag)) is not None:
+        return int(round(angle)) % 360
     return 0
 
 
 def _fraction(text: Optional[str]) -> Optional[float]:
-    if not text or text in ("0/0", "N/A"):
-        return None
-    num, _, den = text.partition("/")
-    value = float(num) / float(den or 1)
-    return value or None
+    num, _, den = (text or "").partition("/")
+    num, den = _number(num), _number(den or 1)
+    return num / den if num and den else None
 
 
 # ---------------------------------------------------------------------------------------------------- ffprobe
@@ -134,23 +147,24 @@ def _parse_ffprobe(path: str, data: dict[str, Any]) -> MediaInfo:
             width=s.get("width"), height=s.get("height"), pix_fmt=s.get("pix_fmt"),
             fps=_fraction(s.get("avg_frame_rate")) or _fraction(s.get("r_frame_rate")),
             sar=tuple(int(x) for x in sar.split(":")) if re.fullmatch(r"\d+:\d+", sar) else None,
-            rotation=_rotation_from(None if matrix is None else float(matrix), tags.get("rotate")),
+            rotation=_rotation_from(matrix, tags.get("rotate")),
             alpha=_has_alpha(s.get("pix_fmt"), tags.get("alpha_mode") or tags.get("ALPHA_MODE")),
             attached_pic=bool(s.get("disposition", {}).get("attached_pic")),
             sample_rate=int(s["sample_rate"]) if s.get("sample_rate") else None, channels=s.get("channels"),
         ))
     fmt = data.get("format", {})
     duration = fmt.get("duration")
-    return _summarize(path, fmt.get("format_name", "unknown"), float(duration) if duration else None, streams)
+    return _summarize(path, fmt.get("format_name", "unknown"), _number(fmt.get("duration")), streams)
 
 
-def _run_ffprobe(local: str, source: str, timeout_s: float) -> MediaInfo:
-    cmd = [ffprobe_exe(), "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
+def _run_ffprobe(local: str, source: str, timeout_s: float, options: Sequence[str]) -> MediaInfo:
+    cmd = [ffprobe_exe(), "-v", "error", "-print_format", "json", "-show_format", "-show_streams", *options,
            ffmpeg_url(local)]
     proc = run(cmd, source, timeout_s)
     data = json.loads(proc.stdout or "{}")
     if proc.returncode != 0 or "format" not in data:
-        raise NotMedia(source, last_line(proc.stderr) or "ffprobe found no media")
+        raise (refusal(local, source, options, proc.stderr.splitlines())
+               or NotMedia(source, last_line(proc.stderr) or "ffprobe found no media"))
     return _parse_ffprobe(source, data)
 
 
@@ -159,7 +173,7 @@ def _run_ffprobe(local: str, source: str, timeout_s: float) -> MediaInfo:
 _INPUT = re.compile(r"^Input #0, (.+), from '")
 _DURATION = re.compile(r"^\s+Duration: (N/A|(\d+):(\d\d):(\d\d(?:\.\d+)?))")
 _STREAM = re.compile(r"^\s+Stream #0:(\d+)(?:\[0x[0-9a-f]+\])?(?:\([^)]*\))?: (\w+): (.*)$")
-_ROTATION = re.compile(r"rotation of (-?[\d.]+) degrees")
+_ROTATION = re.compile(r"rotation of (\S+) degrees")
 _TAG = re.compile(r"^\s+(\w+)\s*: (.*)$")
 _LAYOUT_CHANNELS = {"mono": 1, "stereo": 2, "downmix": 2, "quad": 4, "hexagonal": 6, "octagonal": 8}
 
@@ -188,7 +202,7 @@ def _channels(layout: str) -> Optional[int]:
     return _LAYOUT_CHANNELS.get(layout)
 
 
-def _parse_stream_line(index: int, kind: str, spec: str, matrix: Optional[float], tags: dict[str, str]) -> StreamInfo:
+def _parse_stream_line(index: int, kind: str, spec: str, matrix: Optional[str], tags: dict[str, str]) -> StreamInfo:
     parts = _split_top(spec)
     fields: dict[str, Any] = {"index": index, "kind": kind.lower(), "codec": parts[0].split()[0],
                               "attached_pic": "(attached pic)" in spec}
@@ -197,9 +211,8 @@ def _parse_stream_line(index: int, kind: str, spec: str, matrix: Optional[float]
         for part in parts[1:]:
             if m := re.match(r"^(\d+)x(\d+)", part):
                 fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
-            if m := re.match(r"^([\d.]+)(k?) (fps|tbr)", part):
-                rate = float(m.group(1)) * (1000 if m.group(2) else 1)
-                fields.setdefault("fps", rate)  # fps comes before tbr: prefer the average rate
+            if (m := re.match(r"^([\d.]+)(k?) (fps|tbr)", part)) and (rate := _number(m.group(1))):
+                fields.setdefault("fps", rate * (1000 if m.group(2) else 1))  # fps comes before tbr: prefer it
         if m := re.search(r"SAR (\d+):(\d+)", spec):
             fields["sar"] = (int(m.group(1)), int(m.group(2)))
         fields["rotation"] = _rotation_from(matrix, tags.get("rotate"))
@@ -230,15 +243,18 @@ def parse_ffmpeg_dump(path: str, text: str) -> Optional[MediaInfo]:
         elif m := _STREAM.match(line):
             raw.append([int(m.group(1)), m.group(2), m.group(3), None, {}])
         elif raw and (m := _ROTATION.search(line)):
-            raw[-1][3] = float(m.group(1))
+            raw[-1][3] = m.group(1)
         elif raw and (m := _TAG.match(line)):
             raw[-1][4].setdefault(m.group(1), m.group(2).strip())
     streams = [_parse_stream_line(*r) for r in raw]
     return _summarize(path, fmt, duration, streams)
 
 
-def _run_ffmpeg_dump(local: str, source: str, timeout_s: float) -> MediaInfo:
-    proc = run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", ffmpeg_url(local)], source, timeout_s)
+def _run_ffmpeg_dump(local: str, source: str, timeout_s: float, options: Sequence[str]) -> MediaInfo:
+    proc = run([ffmpeg_exe(), "-hide_banner", "-nostdin", *options, "-i", ffmpeg_url(local)], source, timeout_s)
+    refused = refusal(local, source, options, proc.stderr.splitlines())
+    if refused is not None:
+        raise refused
     info = parse_ffmpeg_dump(source, proc.stderr)
     if info is None:
         raise NotMedia(source, last_line(proc.stderr) or "ffmpeg cannot read it")
@@ -247,28 +263,38 @@ def _run_ffmpeg_dump(local: str, source: str, timeout_s: float) -> MediaInfo:
 
 # ---------------------------------------------------------------------------------------------------- probe
 
-def _demuxed_duration(local: str, source: str, timeout_s: float) -> Optional[float]:
+def _demuxed_duration(local: str, source: str, timeout_s: float, options: Sequence[str]) -> Optional[float]:
     """The end time of the last packet, read by copying packets to the null muxer: no decoding, one read."""
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", ffmpeg_url(local), "-map", "0",
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *options, "-i", ffmpeg_url(local), "-map", "0",
            "-c", "copy", "-f", "null", "-progress", "pipe:1", "-nostats", "-"]
     out = run(cmd, source, timeout_s).stdout
     times = re.findall(r"^out_time_us=(\d+)$", out, flags=re.M)
     return int(times[-1]) / 1e6 if times and int(times[-1]) > 0 else None
 
 
-def with_duration(info: MediaInfo, local: str, timeout_s: float = 60.0) -> MediaInfo:
-    """`info` with the duration read from the packets when the header has none (not for pictures or pipes)."""
+def with_duration(info: MediaInfo, local: str, timeout_s: float = 60.0,
+                  options: Sequence[str] = tuple(input_args())) -> MediaInfo:
+    """`info` with the duration read from the packets when the header has none (not for pictures or pipes);
+    `options` are the input options ffmpeg read it with (`pipeline.ffmpeg.input_args`)."""
     if info.duration is not None or info.is_image or not os.path.isfile(local):
         return info
-    return dataclasses.replace(info, duration=_demuxed_duration(local, info.path, timeout_s))
+    return dataclasses.replace(info, duration=_demuxed_duration(local, info.path, timeout_s, options))
 
 
-def probe(path: str, timeout_s: float = 60.0) -> MediaInfo:
-    """Streams, duration, size, frame rate and rotation of a media file or URI, without decoding it."""
+def probe(path: str, timeout_s: float = 60.0, allow_formats: Sequence[str] = (),
+          max_pixels: int = MAX_PIXELS) -> MediaInfo:
+    """Streams, duration, size, frame rate and rotation of a media file or URI, without decoding it. Media
+    demuxers only, plus `allow_formats`; frames above `max_pixels` are not decoded (TooLarge)."""
     path = str(path)
-    with local_file(path) as local:
-        info = (_run_ffprobe if ffprobe_exe() else _run_ffmpeg_dump)(local, path, timeout_s)
-        return with_duration(info, local, timeout_s)
+    options = input_args(allow_formats, max_pixels)
+    try:
+        with local_file(path) as local:
+            info = (_run_ffprobe if ffprobe_exe() else _run_ffmpeg_dump)(local, path, timeout_s, options)
+            return with_duration(info, local, timeout_s, options)
+    except MediaError:
+        raise
+    except Exception as e:  # whatever else broke on this file is this file's error
+        raise InternalError.of(path, e) from e
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -277,11 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="videopoet probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", metavar="FILE", help="media files or URIs")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per file")
+    parser.add_argument("--allow-format", dest="allow_formats", action="append", default=[], metavar="DEMUXER",
+                        help="also let ffmpeg use this demuxer (e.g. hls: playlists open the files they name)")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="most pixels of a decoded frame")
     args = parser.parse_args(argv)
     failed = 0
     for path in args.files:
         try:
-            record = probe(path, timeout_s=args.timeout).to_dict()
+            record = probe(path, args.timeout, args.allow_formats, args.max_pixels).to_dict()
         except MediaError as e:
             failed += 1
             record = {"path": path, "error": {"kind": e.kind, "message": e.message}}

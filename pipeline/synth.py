@@ -29,6 +29,7 @@ from typing import Mapping
 import numpy as np
 
 from pipeline.config import load_config, to_json
+from pipeline.storage import save_text
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue", "yellow")
@@ -231,9 +232,8 @@ def write_corpus(out: str | Path, cfg: SynthConfig, n: int, seed: int) -> list[d
         write_video(str(out / path), render_video(spec, cfg), cfg.fps, render_audio(spec, cfg), cfg.sample_rate)
         rows.append({"path": path.as_posix(), "caption": spec.caption, "id": spec.id, "split": spec.split,
                      **spec.attributes})
-    with open(out / "manifest.jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    (out / "synth_config.json").write_text(to_json(cfg) + "\n")
+    save_text(out / "manifest.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    save_text(out / "synth_config.json", to_json(cfg) + "\n")
     return rows
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from pipeline.sequence import MAX_TEXT_EMBEDDINGS
+from pipeline.storage import save_text
 from pipeline.vocab import Vocabulary
 
 UNKNOWN = "<unk>"
@@ -167,7 +168,7 @@ class WordVocabulary:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(self.to_json())
+        save_text(path, self.to_json())
         return path
 
     @classmethod

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.config import to_dict
+from pipeline.storage import redact_values
 
 MAX_PARAM_CHARS = 6000
 
@@ -88,7 +89,7 @@ class Run:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_dict(self, data: Any, filename: str) -> None:
-        self.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), filename)
+        self.log_text(json.dumps(redact_values(data), indent=2, sort_keys=True, default=str), filename)
 
     def log_text(self, text: str, filename: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -134,6 +135,8 @@ class NullRun:
 
 
 def _param_value(value: Any) -> str:
+    """A param as MLflow stores it: text, URIs redacted (`pipeline.storage.redact`), cut at MAX_PARAM_CHARS."""
+    value = redact_values(value)
     text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
     return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
 

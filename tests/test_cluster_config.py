@@ -32,3 +32,12 @@ def test_validator_rejects_a_broken_config():
     config["available_node_types"]["gpu_worker"]["min_workers"] = "two"
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(config))
+
+
+def test_dashboard_on_loopback_and_token_auth_on_every_node():
+    config = load()
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert "0.0.0.0" not in CONFIG.read_text()
+    assert any("--head" in c and "--dashboard-host=127.0.0.1" in c for c in starts)
+    assert all(c.startswith("RAY_AUTH_MODE=token ") for c in starts if c.split()[-1] != "stop")
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"

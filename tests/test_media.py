@@ -372,17 +372,22 @@ def test_s3_uri_is_copied_locally(tmp_path, monkeypatch):
     server.start()
     try:
         endpoint = f"127.0.0.1:{server._server.server_port}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://{endpoint}")
         fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True)
         fs.create_dir("media")
         with fs.open_output_stream("media/v.mp4") as f:
             f.write((tmp_path / "v.mp4").read_bytes())
         with fs.open_output_stream("media/empty.mp4") as f:
             f.write(b"")
-        query = f"?endpoint_override={endpoint}&scheme=http"
-        result = decode(f"s3://media/v.mp4{query}", MediaConfig(height=48, width=64))
-        assert result.ok and len(result.clips) == 1 and result.clips[0].source.startswith("s3://media/v.mp4")
-        assert isinstance(decode(f"s3://media/empty.mp4{query}").error, EmptyFile)
-        assert isinstance(decode(f"s3://media/gone.mp4{query}").error, MissingFile)
+        result = decode("s3://media/v.mp4", MediaConfig(height=48, width=64))
+        assert result.ok and len(result.clips) == 1 and result.clips[0].source == "s3://media/v.mp4"
+        assert isinstance(decode("s3://media/empty.mp4").error, EmptyFile)
+        assert isinstance(decode("s3://media/gone.mp4").error, MissingFile)
+        # A URI may not point the client elsewhere (the endpoint comes from the environment), nor leak what it carries.
+        refused = decode(f"s3://media/v.mp4?endpoint_override={endpoint}&scheme=http&secret_key=hunter2").error
+        assert refused.kind == "unsafe_uri" and "endpoint_override" in str(refused) and "hunter2" not in str(refused)
+        too_big = decode("s3://media/v.mp4", MediaConfig(max_download_bytes=1000)).error
+        assert too_big.kind == "too_large" and "max_download_bytes" in str(too_big)
     finally:
         server.stop()
 

@@ -40,11 +40,11 @@ import torch
 from pipeline.checkpoint import model_classes
 from pipeline.config import ConfigError, from_dict, load_config, to_dict
 from pipeline.manifest import ManifestError, read_manifest
-from pipeline.media import MediaConfig
+from pipeline.media import LIMIT_FIELDS, MediaConfig
 from pipeline.shards import (JOBS_DIR, ShardError, ShardMeta, clips_table, errors_table, fingerprint_of,
                              record_index, record_name, shard_index, shard_name)
-from pipeline.storage import (is_uri, read_json, remove_temporaries, resolve_filesystem, write_json,
-                              write_table)
+from pipeline.storage import (Busy, UnsafeUri, exclusive, is_uri, owner_record, parquet_readable, read_json, redact,
+                              redact_values, remove_temporaries, resolve_filesystem, write_json, write_table)
 from pipeline.tracking import TrackingConfig, start_run
 from tokenize_jobs.stages import (AudioTokenizer, Decode, TextEncoder, VideoTokenizer, add_structure,
                                   checkpoint_metadata, downscale_2x, text_encoder_metadata)
@@ -137,14 +137,15 @@ def _extras(table: pa.Table) -> pa.Array:
 class ShardAssembler:
     """Collects clip rows per shard and hands a shard over once every one of its inputs is complete.
 
-    Rows arrive in any order and an input's rows may be split across batches; each row carries `input_rows`, the
-    number of rows its input produced, so completion is a count.
+    Rows arrive in any order and an input's rows are split across batches (they stream); the rows of its last
+    batch carry `input_rows`, the number of rows the input produced (0 on the others), so completion is a count.
     """
 
     def __init__(self, inputs_per_shard: dict[int, int]):
         self.expected = dict(inputs_per_shard)
         self.complete_inputs: collections.Counter[int] = collections.Counter()
         self.rows_seen: collections.Counter[str] = collections.Counter()
+        self.rows_total: dict[str, int] = {}
         self.parts: dict[int, list[dict[str, np.ndarray]]] = collections.defaultdict(list)
 
     @property
@@ -159,8 +160,10 @@ class ShardAssembler:
         touched = set()
         for key, shard, total in zip(batch["id"], shards, batch["input_rows"]):
             self.rows_seen[key] += 1
-            if self.rows_seen[key] == total:
-                del self.rows_seen[key]
+            if total:
+                self.rows_total[key] = int(total)
+            if self.rows_seen[key] == self.rows_total.get(key):
+                del self.rows_seen[key], self.rows_total[key]
                 self.complete_inputs[int(shard)] += 1
                 touched.add(int(shard))
         complete = []
@@ -184,13 +187,14 @@ class TokenizeJob:
                            "audio": _tokenizer(audio_tokenizer, "soundstream", "audio") if audio_tokenizer else None,
                            "text": _text_encoder(text_encoder) if text_encoder else None}
         self._check_tokenizers()
-        media = {k: v for k, v in to_dict(cfg.media).items() if k != "timeout_s"}  # timeouts do not change tokens
+        media = {k: v for k, v in to_dict(cfg.media).items() if k not in LIMIT_FIELDS}  # limits do not change tokens
         self.settings = {"media": media, "hr": cfg.hr, "structure": cfg.structure}
         self.fingerprint = fingerprint_of(self.tokenizers, self.settings)
         self.fs, root = resolve_filesystem(self.out)
         self.shard_dir = posixpath.join(root, self.fingerprint)
         self.job_dir = posixpath.join(root, JOBS_DIR, self.fingerprint)
         self.job_file = posixpath.join(self.job_dir, "job.json")
+        self.lock_file = posixpath.join(root, JOBS_DIR, "lock")
 
     def shard_path(self, index: int) -> str:
         return posixpath.join(self.shard_dir, shard_name(index))
@@ -241,9 +245,10 @@ class TokenizeJob:
 
     def _job_record(self, plan: pa.Table) -> dict[str, Any]:
         ids = hashlib.sha256("\n".join(plan.column("id").to_pylist()).encode()).hexdigest()
-        return {"fingerprint": self.fingerprint, "tokenizers": self.tokenizers, "settings": self.settings,
-                "config": to_dict(self.cfg), "manifest": self.manifest, "inputs": len(plan), "ids_sha256": ids,
-                "inputs_per_shard": self.cfg.inputs_per_shard, "shards": self.shard_count(plan)}
+        return redact_values({"fingerprint": self.fingerprint, "tokenizers": self.tokenizers,
+                              "settings": self.settings, "config": to_dict(self.cfg), "manifest": self.manifest,
+                              "inputs": len(plan), "ids_sha256": ids, "inputs_per_shard": self.cfg.inputs_per_shard,
+                              "shards": self.shard_count(plan)})
 
     def shard_count(self, plan: pa.Table) -> int:
         return -(-len(plan) // self.cfg.inputs_per_shard)
@@ -265,13 +270,16 @@ class TokenizeJob:
         return record
 
     def finished_shards(self) -> set[int]:
-        """Shards whose record exists and, if they have clips, whose file does too (two listings, plus a read of
-        each record without a file, to tell a shard without clips from one killed between its two writes)."""
+        """Shards whose record exists and, if they have clips, whose file does too and ends in a Parquet footer that
+        reads (two listings, a footer read per file, and a read of each record without a file, to tell a shard
+        without clips from one killed between its two writes). A shard cut short, however it got there, is redone."""
         recorded = self._listed(posixpath.join(self.job_dir, "shards"), record_index)
-        written = self._listed(self.shard_dir, shard_index)
-        unwritten = sorted(recorded - written)
+        written = sorted(recorded & self._listed(self.shard_dir, shard_index))
+        unwritten = sorted(recorded - set(written))
         empty = {i for i, r in zip(unwritten, self._read_records(unwritten)) if r["clips"] == 0}
-        return (recorded & written) | empty
+        with ThreadPoolExecutor(max_workers=16) as pool:  # on object stores each footer is a round trip
+            readable = pool.map(lambda i: parquet_readable(self.fs, self.shard_path(i)), written)
+            return {i for i, ok in zip(written, readable) if ok} | empty
 
     def _listed(self, directory: str, index_of) -> set[int]:
         infos = self.fs.get_file_info(pa_fs.FileSelector(directory, allow_not_found=True))
@@ -285,7 +293,14 @@ class TokenizeJob:
     # ------------------------------------------------------------------------------------------------ run
 
     def run(self) -> dict[str, Any]:
+        """Tokenize what is not done yet, holding OUT: a second job on the same OUT is refused (Busy), so neither
+        deletes the other's temporaries."""
         plan = self.plan()
+        owner = owner_record(job="tokenize", fingerprint=self.fingerprint, manifest=redact(self.manifest))
+        with exclusive(self.fs, self.lock_file, owner, f"--out {redact(self.out)}"):
+            return self._run(plan)
+
+    def _run(self, plan: pa.Table) -> dict[str, Any]:
         record = self._claim(plan)
         removed = remove_temporaries(self.fs, self.shard_dir) + remove_temporaries(self.fs, self.job_dir)
         done = self.finished_shards()
@@ -368,22 +383,25 @@ class TokenizeJob:
         return bounds
 
     def write_shard(self, index: int, rows: dict[str, np.ndarray], inputs: int, bounds: tuple[str, str]) -> int:
-        """Write shard `index`: its record (counts, failed inputs) first, then its clips; returns the clip count."""
+        """Write shard `index`: its record (counts, failed and truncated inputs) first, then its clips; returns the
+        clip count."""
         ok = np.asarray(rows["ok"], bool)
         kept = collections.Counter(rows["id"][ok].tolist())
         errors = [{"source": str(rows["source"][i]), "id": str(rows["id"][i]), "stage": "decode",
                    "error_kind": str(rows["error_kind"][i]), "message": str(rows["error_message"][i]),
                    "clips_kept": kept[rows["id"][i]]} for i in np.flatnonzero(~ok)]
         errors.sort(key=lambda e: e["id"])
+        cut = {str(rows["id"][i]): str(rows["source"][i]) for i in np.flatnonzero(rows["truncated"])}
+        truncated = [{"id": key, "source": source, "clips_kept": kept[key]} for key, source in sorted(cut.items())]
         clips = clips_table({k: v[ok] for k, v in rows.items()})
         clips = clips.take(pc.sort_indices(clips, [("clip_id", "ascending")]))
         shard = {"index": index, "inputs": inputs, "clips": len(clips), "first_id": bounds[0], "last_id": bounds[1]}
         record = {**shard, "file": shard_name(index) if len(clips) else None, "errors": errors,
                   "inputs_failed": sum(e["clips_kept"] == 0 for e in errors),
-                  "inputs_partial": sum(e["clips_kept"] > 0 for e in errors)}
+                  "inputs_partial": sum(e["clips_kept"] > 0 for e in errors), "truncated": truncated}
         write_json(self.fs, self.record_path(index), record)
         if len(clips):
-            meta = ShardMeta(self.fingerprint, self.tokenizers, self.settings, shard, _now())
+            meta = ShardMeta(self.fingerprint, redact_values(self.tokenizers), self.settings, shard, _now())
             write_table(self.fs, self.shard_path(index), clips, meta.to_metadata())
         return len(clips)
 
@@ -397,11 +415,14 @@ class TokenizeJob:
         status = "done" if fraction <= self.cfg.max_error_fraction else "failed"
         totals = {"inputs": len(plan), "inputs_ok": len(plan) - failed, "inputs_failed": failed,
                   "inputs_partial": sum(r["inputs_partial"] for r in records),
+                  # records written before `truncated` existed have none
+                  "inputs_truncated": sum(len(r.get("truncated", [])) for r in records),
                   "clips": sum(r["clips"] for r in records), "shards": len(records),
                   "shards_with_clips": sum(r["clips"] > 0 for r in records), "error_fraction": round(fraction, 4),
                   "errors_by_kind": dict(sorted(collections.Counter(e["error_kind"] for e in errors).items()))}
         write_json(self.fs, self.job_file, {**record, **totals, "status": status, "updated": _now()})
-        return {"status": status, "fingerprint": self.fingerprint, "out": posixpath.join(self.out, self.fingerprint),
+        return {"status": status, "fingerprint": self.fingerprint,
+                "out": redact(posixpath.join(self.out, self.fingerprint)),
                 "max_error_fraction": self.cfg.max_error_fraction, **totals}
 
 
@@ -428,7 +449,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     kinds = ", ".join(f"{k} {n}" for k, n in summary["errors_by_kind"].items()) or "none"
     return (f"tokenize {summary['status']}: {summary['clips']} clips from {summary['inputs']} inputs "
             f"({summary['inputs_ok']} ok, {summary['inputs_failed']} failed, {summary['inputs_partial']} of them kept "
-            f"clips before the damage; errors: {kinds}) in {summary['shards']} shards "
+            f"clips before the damage; errors: {kinds}; {summary['inputs_truncated']} cut at media.max_clips) in "
+            f"{summary['shards']} shards "
             f"({summary['shards_written']} written, {summary['shards_skipped']} already done); "
             f"{summary['clips_this_run']} clips in {summary['seconds']:.1f} s = {summary['clips_per_s']:.2f} clips/s "
             f"-> {summary['out']}")
@@ -474,14 +496,15 @@ def main(argv: list[str] | None = None) -> int:
         summary = job.run()
         if cfg.tracking.enabled:
             _track(cfg, args.out, summary, args.parent_run_id)
-    except (TokenizeError, ShardError) as e:
+    except (TokenizeError, ShardError, UnsafeUri, Busy) as e:
         print(f"videopoet tokenize: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary), flush=True)
     if summary["status"] != "done":
         print(f"videopoet tokenize: {summary['inputs_failed']} of {summary['inputs']} inputs failed "
               f"({summary['error_fraction']:.1%}), above --max-error-fraction {cfg.max_error_fraction:.1%}; "
-              f"see {posixpath.join(args.out, JOBS_DIR, summary['fingerprint'], 'errors.parquet')}", file=sys.stderr)
+              f"see {redact(posixpath.join(args.out, JOBS_DIR, summary['fingerprint'], 'errors.parquet'))}",
+              file=sys.stderr)
         return 1
     return 0
 

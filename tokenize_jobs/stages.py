@@ -95,9 +95,9 @@ def _autocast(device: torch.device):
 # ---------------------------------------------------------------------------------------------------- decode
 
 class Decode:
-    """`DecodeClips`, plus the manifest columns the job needs on every clip (shard, split, extras) and
-    `input_rows`, the number of rows its input produced, so the writer knows when an input is complete; then each
-    of `transforms` (batch -> batch) in order, on the same worker."""
+    """`DecodeClips` (a generator of batches: an input's clips stream), plus the manifest columns the job needs on
+    every clip (shard, split, extras); then each of `transforms` (batch -> batch) in order, on the same worker.
+    The writer knows an input is complete from `input_rows` (see `tokenize_jobs.decode`)."""
 
     CARRIED = ("shard", "split", "extras")
     # Ray Data turns a column that is null in every row of a block into float NaN when the block goes through
@@ -108,18 +108,17 @@ class Decode:
         self.decode = DecodeClips(media)
         self.transforms = tuple(transforms)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        out = self.decode(batch)
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
         row_of = {key: i for i, key in enumerate(batch["id"])}
-        rows = np.array([row_of[key] for key in out["id"]], dtype=np.int64)
-        for name in self.CARRIED:
-            out[name] = np.asarray(batch[name])[rows] if len(rows) else np.asarray(batch[name])[:0]
-        out["input_rows"] = np.bincount(rows, minlength=len(batch["id"]))[rows] if len(rows) else rows
-        for name in self.TEXT:
-            out[name] = np.array(["" if v is None else str(v) for v in out[name]], dtype=object)
-        for transform in self.transforms:
-            out = transform(out)
-        return out
+        for out in self.decode(batch):
+            rows = np.array([row_of[key] for key in out["id"]], dtype=np.int64)
+            for name in self.CARRIED:
+                out[name] = np.asarray(batch[name])[rows]
+            for name in self.TEXT:
+                out[name] = np.array(["" if v is None else str(v) for v in out[name]], dtype=object)
+            for transform in self.transforms:
+                out = transform(out)
+            yield out
 
 
 # ---------------------------------------------------------------------------------------------------- video CPU stages

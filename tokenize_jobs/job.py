@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pa_fs
 import torch
 
+from cluster import init_ray
 from pipeline.checkpoint import model_classes
 from pipeline.config import ConfigError, from_dict, load_config, to_dict
 from pipeline.manifest import ManifestError, read_manifest
@@ -360,8 +361,6 @@ class TokenizeJob:
 
     def process(self, pending: pa.Table) -> list[tuple[int, int]]:
         """Tokenize the pending inputs and write their shards; returns (shard, clips) per shard written."""
-        from train.runner import init_ray
-
         init_ray()
         counts = collections.Counter(pending.column("shard").to_pylist())
         assembler = ShardAssembler(counts)

@@ -153,7 +153,6 @@ def _parse_ffprobe(path: str, data: dict[str, Any]) -> MediaInfo:
             sample_rate=int(s["sample_rate"]) if s.get("sample_rate") else None, channels=s.get("channels"),
         ))
     fmt = data.get("format", {})
-    duration = fmt.get("duration")
     return _summarize(path, fmt.get("format_name", "unknown"), _number(fmt.get("duration")), streams)
 
 

@@ -117,8 +117,9 @@ for path in sys.argv[2:]:
 
 def test_each_input_decodes_to_its_clips_or_error_in_bounded_memory(crafted, capsys):
     cfg = dataclasses.replace(DEBUG, height=128, width=128)  # the paper's frame size, the debug flavor's limits
-    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(to_dict(cfg)), *(str(crafted / n) for n in EXPECTED)],
-                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    paths = [str(crafted / name) for name in EXPECTED]
+    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(to_dict(cfg)), *paths], capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     results = dict(zip(EXPECTED, map(json.loads, done.stdout.splitlines())))
     rows = [f"{'input':34s} {'clips':>5s}  {'error kind':15s} {'trunc':5s} {'ffmpeg MB':>9s} {'python MB':>9s}"]

@@ -51,7 +51,8 @@ def test_local_writes_are_atomic_with_unique_temporaries(tmp_path):
 
     with pytest.raises(RuntimeError):
         storage.write_atomic(LOCAL, str(target), broken)
-    assert json.loads(target.read_text()) == {"a": 1} and sorted(p.name for p in target.parent.iterdir()) == ["job.json"]
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["job.json"]
     names = {storage._temporary(str(target)) for _ in range(100)}
     assert len(names) == 100 and all(storage._TEMPORARY.match(n.rsplit("/", 1)[1]) for n in names)
     save_text(tmp_path / "t.txt", "text")

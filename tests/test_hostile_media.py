@@ -328,3 +328,21 @@ def test_a_shard_upload_that_fails_midway_is_redone_on_the_next_run(tokenizers, 
                 assert b"SECRET" not in f.read(), key
     finally:
         server.stop()
+
+
+def test_an_export_never_chooses_a_text_encoder_to_run(tmp_path):
+    """A super-resolution export whose config.json names a text encoder (a `torch.export` program) is refused unless
+    the caller names the encoder folder: a downloaded export must not pick code to load."""
+    from pipeline.generation import SuperResStage
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "encoder.pt2").write_bytes(b"whatever an attacker put here")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({
+        "format": 1, "kind": "superres", "config": {}, "fingerprint": "0" * 16,
+        "extra": {"tokenizers": {"video": {"location": str(tmp_path / "video")}},
+                  "text": {"kind": "encoder", "path": str(planted)}}}))
+    with pytest.raises(ValueError, match="an export never chooses one: pass the encoder folder you trust"):
+        SuperResStage.load(export)

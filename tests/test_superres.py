@@ -162,7 +162,7 @@ def outside_window_change(cfg: SuperResConfig, layer_window, region, target: int
         return layer(x, lr, text, masks), layer(x2, lr2, text, masks), inside
 
 
-@pytest.mark.parametrize("flavor, attention", itertools.product(["debug", "demo"], ["sdpa", "flex"]))
+@pytest.mark.parametrize("flavor, attention", [("debug", "sdpa"), ("demo", "sdpa"), ("demo", "flex")])
 def test_attention_never_crosses_a_window(flavor, attention):
     cfg = replace(load_config(SuperResConfig, flavor, kind="superres"), attention=attention)
     for window in cfg.windows:

@@ -34,6 +34,7 @@ from pipeline.generation import SamplingConfig, VideoPoet
 from pipeline.manifest import read_manifest
 from pipeline.media import decode, write_video
 from pipeline.oracle import ATTRIBUTES, read_attributes, read_audio_attributes, read_video_attributes, score, score_av
+from pipeline.storage import redact_values, save_text
 from pipeline.synth import COLORS, MOTIONS, SHAPES, SynthConfig, caption, write_corpus
 from pipeline.tracking import TrackingConfig, start_run
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob
@@ -182,7 +183,7 @@ def side_by_side(low: np.ndarray, high: np.ndarray) -> np.ndarray:
 
 def run_demo(cfg: DemoConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    save_text(out / "demo_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
     began = time.perf_counter()
     with start_run(cfg.tracking, out, "demo", params={"clips": cfg.clips, "seed": cfg.seed}) as parent:
         stages = Stages(parent)
@@ -218,7 +219,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
             "total_seconds": time.perf_counter() - began,
             "mlflow": {"tracking_uri": parent.uri, "run_id": parent.run_id},
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_text(out / "summary.json", json.dumps(redact_values(summary), indent=2) + "\n")
         parent.log_artifact(out / "summary.json")
         parent.log_metrics({"total_seconds": summary["total_seconds"],
                             **{f"adherence.{k}": v for k, v in summary["adherence"].items()}})
@@ -237,12 +238,13 @@ def held_out_manifest(manifest: Path) -> Path:
     """The manifest's `val` rows beside it: FVD's reference set, clips the models never trained on."""
     rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
     held_out = manifest.with_name("val.jsonl")
-    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("split") == "val"))
+    save_text(held_out, "".join(json.dumps(r) + "\n" for r in rows if r.get("split") == "val"))
     return held_out
 
 
 def _tokenize(cfg: DemoConfig, out: Path, manifest: Path, video: dict, audio: dict, tracker) -> dict:
-    summary = TokenizeJob(cfg.tokenize, str(manifest), str(out / "shards"), video["tokenizer"], audio["tokenizer"]).run()
+    job = TokenizeJob(cfg.tokenize, str(manifest), str(out / "shards"), video["tokenizer"], audio["tokenizer"])
+    summary = job.run()
     tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return summary
 
@@ -269,7 +271,8 @@ def print_summary(summary: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="videopoet demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="run folder (corpus, runs of every stage, summary.json, mlflow.db)")
+    parser.add_argument("--out", required=True,
+                        help="run folder (corpus, runs of every stage, summary.json, mlflow.db)")
     parser.add_argument("--config", default=None, help="a TOML file of DemoConfig sections")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set clips=96 or --set llm.train.steps=100")

@@ -28,7 +28,8 @@ from pipeline.sequence import Task
 
 
 def run(args: argparse.Namespace) -> tuple[Generated, VideoPoet]:
-    poet = VideoPoet.load(model_dir(args.checkpoint), sr=[model_dir(stage) for stage in args.sr])
+    poet = VideoPoet.load(model_dir(args.checkpoint), sr=[model_dir(stage) for stage in args.sr],
+                          sr_text_encoder=args.sr_text_encoder)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               guidance=args.guidance, seed=args.seed)
     frames = audio = None
@@ -37,7 +38,8 @@ def run(args: argparse.Namespace) -> tuple[Generated, VideoPoet]:
     if args.video:
         frames, audio = load_frames(args.video, poet.media, image=False)
     if args.audio:
-        audio = decode_audio(args.audio, poet.media.sample_rate, seconds=poet.media.clip_samples / poet.media.sample_rate)
+        seconds = poet.media.clip_samples / poet.media.sample_rate
+        audio = decode_audio(args.audio, poet.media.sample_rate, seconds=seconds)
     result = None
     for step, task in enumerate([args.task, *args.then]):
         result = poet.generate(task, prompt=args.prompt, frames=frames, audio=audio, context_frames=args.context_frames,
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> tuple[Generated, VideoPoet]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="videopoet generate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
     tasks = [t.value for t in Task if t != Task.UNCONDITIONAL] + [Task.UNCONDITIONAL.value]
     parser.add_argument("--checkpoint", required=True, help="run folder of `videopoet train llm` (or its model/)")
     parser.add_argument("--task", required=True, choices=tasks)
@@ -70,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sr", action="append", default=[], metavar="RUN",
                         help="a run folder of `videopoet train sr` (or its model/): upsample the result; repeat for "
                              "a cascade, lowest resolution first")
+    parser.add_argument("--sr-text-encoder", metavar="DIR",
+                        help="the text encoder folder of super-resolution stages conditioned on one (an export never "
+                             "chooses a program to load)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -34,12 +34,11 @@ from eval.i3d import I3DConfig, I3DFeatureExtractor, InceptionI3d
 from eval.oracle_classifier import OracleAttributeClassifier
 from eval.prompts import ROW_COLUMNS, needs_condition, render_condition
 from pipeline.ffmpeg import MediaError
-from pipeline.generation import SamplingConfig, VideoPoet
+from pipeline.generation import SamplingConfig, VideoPoet, load_frames
 from pipeline.media import MediaConfig, decode
 from pipeline.oracle import read_audio_attributes
 from pipeline.sequence import TASKS, Task
 from pipeline.synth import ATTRIBUTES
-from train.generate import load_frames
 
 NO_FRAMES = np.zeros((0, 0, 0, 3), np.uint8)
 NO_AUDIO = np.zeros(0, np.float32)

@@ -13,8 +13,8 @@ the model's clip settings] -> Features actors (I3D, CLIP similarity, CLIP zero-s
 driver. The driver streams rows into OUT/samples.parquet, accumulates I3D feature statistics, and reduces the rows to
 OUT/metrics.json (FVD, CLIPSIM, fairness statistics, prompt adherence and audio-visual agreement, each next to its
 protocol), OUT/plots and a few OUT/samples MP4s. All of it goes to an MLflow run: nested under the training run with
---parent-run (in that run's tracking store: --tracking-uri, or the one the checkpoint's run.json records), else
-its own run in OUT/mlflow.db. Without I3D or CLIP weights files the networks are random-init, and every output
+--parent-run (in that run's tracking store: --tracking-uri, or the one the checkpoint's mlflow_run.json records),
+else its own run in OUT/mlflow.db. Without I3D or CLIP weights files the networks are random-init, and every output
 says so.
 """
 
@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster import init_ray
 from eval.actors import Features, Generate, decode_real, is_random
 from eval.clip_score import ClipConfig
 from eval.fairness import ATTRIBUTE_PROMPTS
@@ -43,15 +44,13 @@ from eval.report import clipsim, fairness, flat_metrics, fvd, jsonable, oracle, 
 from pipeline.checkpoint import read_metadata
 from pipeline.config import from_dict, load_config, to_json
 from pipeline.ffmpeg import MediaError
-from pipeline.generation import SamplingConfig
+from pipeline.generation import SamplingConfig, model_dir
 from pipeline.manifest import read_manifest
 from pipeline.media import MediaConfig, write_video
 from pipeline.sequence import Task
 from pipeline.storage import save_text
 from pipeline.synth import ATTRIBUTES
-from pipeline.tracking import TrackingConfig, attach, start_run
-from train.generate import model_dir
-from train.runner import RUN_FILE, init_ray
+from pipeline.tracking import RUN_FILE, TrackingConfig, attach, start_run
 
 # With GPUs, a Generate and a Features actor share each GPU: the I3D and CLIP networks are small next to the LLM.
 GENERATE_GPU_SHARE = 0.75
@@ -290,7 +289,8 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def _parent_run(run_id: str, uri: str, checkpoint: str):
-    """The training run to nest under, in its tracking store: `uri`, or the one the run folder's run.json records."""
+    """The training run to nest under, in its tracking store: `uri`, or the one the run folder's mlflow_run.json
+    records."""
     from mlflow.exceptions import MlflowException
 
     if not uri:
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config field, e.g. --set i3d.weights=rgb_imagenet.pt")
     parser.add_argument("--parent-run", help="MLflow run id (the training run) to nest this run under")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: OUT/mlflow.db, or with --parent-run "
-                                               "the store the checkpoint's run.json records)")
+                                               "the store the checkpoint's mlflow_run.json records)")
     parser.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)

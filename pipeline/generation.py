@@ -27,15 +27,13 @@ from pipeline.checkpoint import CONFIG_FILE, load_checkpoint, read_metadata
 from pipeline.config import from_dict
 from pipeline.magvit import tensor_to_video, video_to_tensor
 from pipeline.masking import DecodingConfig
-from pipeline.media import MediaConfig
+from pipeline.media import MediaConfig, MediaError, decode
 from pipeline.sampling import generate as sample
 from pipeline.sequence import TASKS, Layout, Task, build_prompt, central_mask, parse_sequence
 from pipeline.storage import is_uri
 from pipeline.structure import structure_video
-from pipeline.text import TextCondition, TextConfig, TextConditioner, WordVocabulary, load_text_conditioner, \
-    stack_embeddings
-
-WORDS_FILE = "words.json"
+from pipeline.text import WORDS_FILE, TextCondition, TextConfig, TextConditioner, WordVocabulary, \
+    load_text_conditioner, stack_embeddings
 
 
 @dataclass(frozen=True)
@@ -334,6 +332,21 @@ class VideoPoet:
     def _audio_input(layout: Layout, codes: np.ndarray | None) -> np.ndarray | None:
         shape = layout.input_audio_shape
         return None if codes is None or shape is None else codes[:, : shape[1]]
+
+
+def model_dir(checkpoint: str | Path) -> Path:
+    """A run folder of `videopoet train llm` / `train sr`, or its `model/` export."""
+    path = Path(checkpoint)
+    return path / "model" if (path / "model" / CONFIG_FILE).exists() else path
+
+
+def load_frames(path: str, media: MediaConfig, image: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first clip of a file (or its first frame, for an image) at the model's clip settings, and its audio."""
+    result = decode(path, replace(media, max_clips=1))
+    if not result.clips:
+        raise result.error or MediaError(path, "no clip could be decoded")
+    clip = result.clips[0]
+    return (clip.frames[:1] if image else clip.frames), clip.audio
 
 
 def _local(location: str) -> str:

@@ -22,6 +22,7 @@ from pipeline.config import to_dict
 from pipeline.storage import redact_values
 
 MAX_PARAM_CHARS = 6000
+RUN_FILE = "mlflow_run.json"  # in a run folder: the MLflow run (tracking URI and run id) that a re-run continues
 
 
 @dataclass(frozen=True)

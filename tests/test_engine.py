@@ -102,3 +102,15 @@ def test_zero3_resume_is_exact_and_exports_full_weights(tmp_path, ray_local):
     assert straight["net.0.weight"].shape == (32, 8) and straight["net.0.weight"].dtype == torch.float32
     for key in straight:
         torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=1e-6)
+
+
+def test_a_run_folder_is_held_by_one_run(tmp_path):
+    from pipeline.storage import Busy
+    from train.engine import claim
+
+    with claim(tmp_path / "run", "llm"):
+        with pytest.raises(Busy, match="--out .*run is in use by .*llm"):
+            with claim(tmp_path / "run", "llm"):
+                pass
+    with claim(tmp_path / "run", "llm"):  # released when the holder ends
+        pass

@@ -22,7 +22,7 @@ from pipeline.config import load_config
 from pipeline.media import MediaConfig
 from pipeline.oracle import read_attributes
 from pipeline.synth import SynthConfig, attribute_schedule, caption, plan, render_video, write_corpus
-from pipeline.tracking import TrackingConfig, search_runs, start_run
+from pipeline.tracking import RUN_FILE, TrackingConfig, search_runs, start_run
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real"
 MEDIA = MediaConfig(height=32, width=32)
@@ -133,9 +133,9 @@ def test_config_flavors_and_checks():
 def test_cli_errors_name_the_input(tmp_path, capsys):
     with start_run(TrackingConfig(), tmp_path / "llm", "llm") as parent:
         pass
-    (tmp_path / "llm" / "run.json").write_text(json.dumps({"uri": parent.uri, "run_id": parent.run_id}))
+    (tmp_path / "llm" / RUN_FILE).write_text(json.dumps({"uri": parent.uri, "run_id": parent.run_id}))
     args = ["--prompts", "synthetic", "--out", str(tmp_path / "eval"), "--config", "debug"]
-    # The parent is found in the store the folder's run.json records; the folder itself is no LLM export.
+    # The parent is found in the store the folder's mlflow_run.json records; the folder itself is no LLM export.
     assert main(["--checkpoint", str(tmp_path / "llm"), "--parent-run", parent.run_id, *args]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "llm"), "--parent-run", "0123456789abcdef", *args]) == 2

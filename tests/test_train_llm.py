@@ -27,3 +27,33 @@ def test_llm_trains_resumes_exactly_and_exports(shards, trained_straight_and_res
     assert {"loss", "lr", "tokens_per_s", "mfu", "padding", "val_loss"} <= set(metrics)
     assert any(k.startswith("loss/") for k in metrics) and any(k.startswith("val_loss/") for k in metrics)
     assert 0 < metrics["mfu"] < 1
+
+
+def first_losses(out):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    (run,) = search_runs(uri, "videopoet")
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "loss")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def test_adaptation_starts_from_the_pretrained_export(shards, tmp_path):
+    t2v = ["--set", "mixture.weights={text_to_video = 1.0}", "--set", "train.log_every=1", "--set", "train.lr=3e-3",
+           "--set", "train.warmup_steps=1", "--set", "train.eval_every=1000"]
+    common = ["llm", "--config", "debug", "--data", str(shards), "--workers", "1", *t2v]
+    assert main([*common, "--out", str(tmp_path / "base"), "--steps", "40"]) == 0
+    base = first_losses(tmp_path / "base")
+    assert base[-1] < base[0] - 1.0  # it learnt something worth starting from
+
+    assert main([*common, "--out", str(tmp_path / "adapted"), "--steps", "2", "--init",
+                 str(tmp_path / "base" / "model")]) == 0
+    assert main([*common, "--out", str(tmp_path / "fresh"), "--steps", "2"]) == 0
+    adapted, fresh = first_losses(tmp_path / "adapted"), first_losses(tmp_path / "fresh")
+    assert adapted[0] < base[-1] + 0.5 and adapted[0] < fresh[0] - 1.0
+    assert read_metadata(tmp_path / "adapted" / "model")["extra"]["init_fingerprint"] == \
+        read_metadata(tmp_path / "base" / "model")["fingerprint"]
+
+    # A different architecture, or a non-LLM export, is named and refused before any training.
+    assert main([*common, "--out", str(tmp_path / "wide"), "--steps", "2", "--set", "model.width=64",
+                 "--init", str(tmp_path / "base" / "model")]) == 2

@@ -22,6 +22,7 @@ and its validation. The engine owns everything else, the same way for every app:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -29,18 +30,20 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import from_dict, load_config, to_dict
+from pipeline.storage import exclusive, is_uri, owner_record, redact_values, resolve_filesystem, save_text
 from pipeline.tracking import RUN_FILE, NullRun, attach, start_run
 
 STATE_FILE = "state.json"  # in a checkpoint: the step and the recipe's state
 WEIGHTS_FILE = "model.safetensors"  # in the last checkpoint: the full fp32 weights of the `model` module
 RUN_CONFIG_FILE = "run_config.json"  # in a run folder: the app's resolved config
+LOCK_FILE = ".lock"  # in a run folder: held by the run's driver
 MODEL = "model"  # the module a run exports
 TAG = "checkpoint"
 SHARDS_DIR = "deepspeed"
@@ -127,8 +130,7 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig) -> dict[str, Any]:
                             # offload; otherwise torch's AdamW, fused on GPU.
                             "torch_adam": not ds.offload_optimizer}
     if train.use_gpu and not ds.offload_optimizer:
-        adam["adam_w_mode"] = True
-        adam["fused"] = True
+        adam["fused"] = True  # torch's fused CUDA kernel: one launch for all parameters
     return {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
@@ -393,7 +395,7 @@ def fit(name: str, recipe: type[Recipe], app: Any, out: str | Path, run: Any, da
     for dataset in datasets.values():
         # Workers iterate these every run; their progress bars would flood the driver's log.
         dataset.context.enable_progress_bars = False
-    storage = (f"{str(out).rstrip('/')}/ray" if "://" in str(out) else str(Path(out).resolve() / "ray"))
+    storage = f"{str(out).rstrip('/')}/ray" if is_uri(str(out)) else str(Path(out).resolve() / "ray")
     loop_config = {"name": name, "recipe": recipe, "app": to_dict(app), "train": to_dict(train),
                    "deepspeed": to_dict(app.deepspeed), "tracking_uri": run.uri, "run_id": run.run_id, **entries}
     trainer = TorchTrainer(
@@ -432,17 +434,27 @@ def open_run(app: Any, out: Path, name: str, parent):
         saved = json.loads(record.read_text())
         return attach(saved["uri"], saved["run_id"])
     run = start_run(app.tracking, out, name, params=app)
-    record.write_text(json.dumps({"uri": run.uri, "run_id": run.run_id}) + "\n")
+    save_text(record, json.dumps({"uri": run.uri, "run_id": run.run_id}) + "\n")
     return run
 
 
+@contextlib.contextmanager
+def claim(out: Path, name: str) -> Iterator[None]:
+    """The run folder, created and held for this process: a second run on the same OUT is refused (`Busy`, naming
+    the holder) instead of sharing checkpoints and temporaries with the first."""
+    out.mkdir(parents=True, exist_ok=True)
+    fs, root = resolve_filesystem(str(out.resolve()))
+    with exclusive(fs, f"{root}/{LOCK_FILE}", owner_record(job=name), f"--out {out}"):
+        yield
+
+
 def write_run_config(out: Path, config: Mapping[str, Any]) -> None:
-    (out / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_text(out / RUN_CONFIG_FILE, json.dumps(redact_values(config), indent=2) + "\n")
 
 
 def write_summary(out: Path, run: Any, summary: dict[str, Any]) -> None:
     path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    save_text(path, json.dumps(redact_values(summary), indent=2) + "\n")
     run.log_artifact(path)
 
 

@@ -25,15 +25,17 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from pipeline.checkpoint import read_metadata, save_checkpoint
-from pipeline.config import ConfigError, from_dict, to_dict
+from pipeline.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from pipeline.config import ConfigError, from_dict, identity_json, to_dict
 from pipeline.llm import LLMConfig, VideoPoetLM
 from pipeline.shards import ShardError, ShardSet, open_shards
+from pipeline.storage import save_text
 from pipeline.text import WORDS_FILE, TextConfig, WordVocabulary, load_text_conditioner, stack_embeddings
 from pipeline.tracking import TrackingConfig
 from pipeline.vocab import Vocabulary
 from train.data import shard_columns, split_datasets
-from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments,
+from pipeline.storage import Busy
+from train.engine import (claim, DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments,
                           all_reduce_mean, app_config, final_weights, fit, open_run, result_metrics, write_run_config,
                           write_summary)
 from train.flops import matmul_peak_flops, transformer_flops_per_token
@@ -52,6 +54,9 @@ class LLMTrainConfig:
     text: TextConfig = field(default_factory=TextConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     val_batches: int = 2  # per task with inputs in the val split
+    # The paper's second stage: start from this LLM export's weights (fresh optimizer and schedule, this run's own
+    # mixture), for task-specific adaptation. Its vocabulary, words and tokenizers must be the shards'.
+    init: str = ""
 
     def __post_init__(self):
         if self.val_batches < 0:
@@ -108,7 +113,10 @@ class LLMRecipe(Recipe):
         self.peak = matmul_peak_flops(worker.device, worker.dtype)
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"model": Objective(VideoPoetLM(self.model_cfg))}
+        model = VideoPoetLM(self.model_cfg)
+        if self.app.init:
+            model.load_state_dict(load_checkpoint(self.app.init).state_dict())
+        return {"model": Objective(model)}
 
     def _inputs(self, sequences, conditions):
         batch = collate(sequences)
@@ -184,40 +192,69 @@ def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, paren
     """Train (or resume) the LLM on shards; returns the summary also written to OUT/summary.json."""
     out = Path(out)
     shards = open_shards(data)
-    table = shards.to_table(["caption", "has_audio"])
-    check_inputs(app.mixture, available_inputs(shards, table), f"the shards {data}")
-    out.mkdir(parents=True, exist_ok=True)
-    words_path = out / WORDS_FILE
-    if app.text.kind == "words" and not words_path.exists():
-        load_text_conditioner(app.text, table.column("caption").to_pylist()).save(words_path)
-    text = WordVocabulary.load(words_path) if app.text.kind == "words" else load_text_conditioner(app.text)
-    model_cfg = replace(app.model, vocab=vocabulary_for(shards, text.text_size))
-    write_run_config(out, {**to_dict(app), "model": to_dict(model_cfg)})
+    with claim(out, "llm"):
+        table = shards.to_table(["caption", "has_audio"])
+        check_inputs(app.mixture, available_inputs(shards, table), f"the shards {data}")
+        words_path = out / WORDS_FILE
+        if app.text.kind == "words" and not words_path.exists():
+            if app.init:  # the pretrained model's word ids, whatever words the new captions have
+                save_text(words_path, (Path(app.init) / WORDS_FILE).read_text())
+            else:
+                load_text_conditioner(app.text, table.column("caption").to_pylist()).save(words_path)
+        text = WordVocabulary.load(words_path) if app.text.kind == "words" else load_text_conditioner(app.text)
+        model_cfg = replace(app.model, vocab=vocabulary_for(shards, text.text_size))
+        origin = check_init(app.init, model_cfg, shards) if app.init else {}
+        write_run_config(out, {**to_dict(app), "model": to_dict(model_cfg)})
 
-    run = open_run(app, out, "llm", parent)
-    began = time.perf_counter()
-    with run:
-        train_ds, val_ds = split_datasets(shards, TOKEN_COLUMNS)
-        lengths = [len(s) for s in shards.to_table(["video_tokens"]).column("video_tokens").to_pylist()[:64]]
-        run.log_params({"vocab_size": model_cfg.vocab.size, "parameters": _parameters(model_cfg),
-                        "shards_fingerprint": shards.fingerprint})
-        run.log_metrics({"train_clips": train_ds.count(), "val_clips": val_ds.count()})
-        result = fit("llm", LLMRecipe, app, out, run, {"train": train_ds, "val": val_ds},
-                     model=to_dict(model_cfg), data=str(data), mean_length=float(np.mean(lengths)) + 16,
-                     words=words_path.read_text() if app.text.kind == "words" else "")
-        weights, step = final_weights(result)
-        model = VideoPoetLM(model_cfg)
-        model.load_state_dict(weights)
-        export = save_checkpoint(out / "model", model, model_cfg,
-                                 extra={"steps": step, "tokenizers": shards.meta.tokenizers,
-                                        "media": shards.meta.settings, "text": to_dict(app.text)})
-        if app.text.kind == "words":
-            (export / WORDS_FILE).write_text(words_path.read_text())
-        run.log_artifact(export, "model")
-        summary = {"steps": step, "model": str(export), "fingerprint": read_metadata(export)["fingerprint"],
-                   "metrics": result_metrics(result), "seconds": time.perf_counter() - began}
-        write_summary(out, run, summary)
-    return summary
+        run = open_run(app, out, "llm", parent)
+        began = time.perf_counter()
+        with run:
+            train_ds, val_ds = split_datasets(shards, TOKEN_COLUMNS)
+            lengths = [len(s) for s in shards.to_table(["video_tokens"]).column("video_tokens").to_pylist()[:64]]
+            run.log_params({"vocab_size": model_cfg.vocab.size, "parameters": _parameters(model_cfg),
+                            "shards_fingerprint": shards.fingerprint})
+            if origin:
+                run.set_tags(origin)
+            run.log_metrics({"train_clips": train_ds.count(), "val_clips": val_ds.count()})
+            result = fit("llm", LLMRecipe, app, out, run, {"train": train_ds, "val": val_ds},
+                         model=to_dict(model_cfg), data=str(data), mean_length=float(np.mean(lengths)) + 16,
+                         words=words_path.read_text() if app.text.kind == "words" else "")
+            weights, step = final_weights(result)
+            model = VideoPoetLM(model_cfg)
+            model.load_state_dict(weights)
+            export = save_checkpoint(out / "model", model, model_cfg,
+                                     extra={"steps": step, "tokenizers": shards.meta.tokenizers,
+                                            "media": shards.meta.settings, "text": to_dict(app.text), **origin})
+            if app.text.kind == "words":
+                save_text(export / WORDS_FILE, words_path.read_text())
+            run.log_artifact(export, "model")
+            summary = {"steps": step, "model": str(export), "fingerprint": read_metadata(export)["fingerprint"],
+                       "metrics": result_metrics(result), "seconds": time.perf_counter() - began}
+            write_summary(out, run, summary)
+        return summary
+
+
+def check_init(location: str, model_cfg: LLMConfig, shards: ShardSet) -> dict[str, str]:
+    """What the run records of the export it starts from; refuses one that does not fit this run, saying what
+    differs (architecture, vocabulary, tokenizers)."""
+    meta = read_metadata(location)
+    where = f"--init {location}"
+    if meta["kind"] != "llm":
+        raise ValueError(f"{where}: a {meta['kind']} export, not an LLM one")
+    theirs = from_dict(LLMConfig, meta["config"])
+    if theirs.vocab != model_cfg.vocab:
+        raise ValueError(f"{where}: its vocabulary {to_dict(theirs.vocab)} differs from the one these shards and "
+                         f"words need, {to_dict(model_cfg.vocab)}")
+    if identity_json(replace(theirs, vocab=model_cfg.vocab)) != identity_json(model_cfg):
+        changed = sorted(k for k, v in to_dict(model_cfg).items() if to_dict(theirs)[k] != v)
+        raise ValueError(f"{where}: its model differs from this run's `model` section in {', '.join(changed)}")
+    for role, tokenizer in shards.meta.tokenizers.items():
+        pretrained = (meta["extra"].get("tokenizers") or {}).get(role)
+        if (tokenizer or {}).get("fingerprint") != (pretrained or {}).get("fingerprint"):
+            raise ValueError(f"{where}: trained on {role} tokens of tokenizer "
+                             f"{(pretrained or {}).get('fingerprint')}, but these shards hold tokens of "
+                             f"{(tokenizer or {}).get('fingerprint')}: codes of different tokenizers do not match")
+    return {"init": location, "init_fingerprint": meta["fingerprint"]}
 
 
 def _parameters(cfg: LLMConfig) -> int:
@@ -229,11 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="videopoet train llm", description=__doc__.split("\n\n")[0])
     add_run_arguments(parser, "debug, demo, 300m, 1b, 8b, paper")
     parser.add_argument("--data", required=True, nargs="+", help="token shards: a tokenize job's OUT or its folders")
+    parser.add_argument("--init", metavar="EXPORT", help="start from this LLM export (stage-2 adaptation; init)")
     args = parser.parse_args(argv)
+    if args.init:
+        args.overrides.append(f"init={json.dumps(args.init)}")
     try:
         app = app_config(LLMTrainConfig, args, {"": "train_llm", "model": "llm"})
         summary = train_llm(app, args.data if len(args.data) > 1 else args.data[0], args.out)
-    except (ConfigError, ValueError, ShardError, FileNotFoundError) as e:
+    except (ConfigError, Busy, ValueError, ShardError, FileNotFoundError) as e:
         print(f"videopoet train llm: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

@@ -43,7 +43,8 @@ class MixtureConfig:
     def __post_init__(self):
         unknown = sorted(set(self.weights) - {t.value for t in Task})
         if unknown:
-            raise ValueError(f"mixture.weights: unknown task {unknown[0]!r} (tasks: {', '.join(t.value for t in Task)})")
+            tasks = ", ".join(t.value for t in Task)
+            raise ValueError(f"mixture.weights: unknown task {unknown[0]!r} (tasks: {tasks})")
         if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
             raise ValueError(f"mixture.weights: need non-negative weights with at least one > 0, got {self.weights}")
 
@@ -183,8 +184,9 @@ class Mixture:
                 key = f"{task.value}.no_{reason}"
                 skipped[key] = skipped.get(key, 0) + 1
         if not usable:
-            raise ValueError(f"mixture: no row has the inputs of {task.value} (rows lack: "
-                             f"{', '.join(sorted(k for k in skipped if k.startswith(task.value)))}); set its weight to 0")
+            lacking = ", ".join(sorted(k for k in skipped if k.startswith(task.value)))
+            raise ValueError(f"mixture: no row has the inputs of {task.value} (rows lack: {lacking}); set its weight "
+                             "to 0")
         rng = np.random.default_rng([seed, step, rank, 1])
         picks = rng.choice(usable, size=size, replace=len(usable) < size)
         built = [self.build(task, rows[i], rng) for i in picks]

@@ -36,10 +36,12 @@ from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.generation import text_inputs
 from pipeline.shards import ShardError, ShardSet, open_shards
 from pipeline.superres import SuperResConfig, SuperResTransformer
+from pipeline.storage import save_text
 from pipeline.text import WORDS_FILE, TextConditioner, TextConfig, WordVocabulary, load_text_conditioner
 from pipeline.tracking import TrackingConfig
 from train.data import shard_columns, split_datasets
-from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments,
+from pipeline.storage import Busy
+from train.engine import (claim, DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments,
                           all_reduce_mean, app_config, final_weights, fit, open_run, result_metrics, write_run_config,
                           write_summary)
 
@@ -198,35 +200,35 @@ def train_sr(app: SRTrainConfig, data: str | list[str], out: str | Path, parent=
     """Train (or resume) a super-resolution stage on shards; returns the summary also written to OUT/summary.json."""
     out = Path(out)
     shards = open_shards(data)
-    check_shards(shards, app.model)
-    out.mkdir(parents=True, exist_ok=True)
-    words = prepare_text(app, shards, out)
-    write_run_config(out, to_dict(app))
+    with claim(out, "superres"):
+        check_shards(shards, app.model)
+        words = prepare_text(app, shards, out)
+        write_run_config(out, to_dict(app))
 
-    run = open_run(app, out, "superres", parent)
-    began = time.perf_counter()
-    with run:
-        train_ds, val_ds = split_datasets(shards, TOKEN_COLUMNS)
-        with torch.device("meta"):
-            parameters = sum(p.numel() for p in SuperResTransformer(app.model).parameters())
-        run.log_params({"parameters": parameters, "shards_fingerprint": shards.fingerprint})
-        run.log_metrics({"train_clips": train_ds.count(), "val_clips": val_ds.count()})
-        result = fit("superres", SRRecipe, app, out, run, {"train": train_ds, "val": val_ds},
-                     data=str(data), words=words)
-        weights, step = final_weights(result)
-        model = SuperResTransformer(app.model)
-        model.load_state_dict(weights)
-        export = save_checkpoint(out / "model", model, app.model,
-                                 extra={"steps": step, "tokenizers": shards.meta.tokenizers,
-                                        "media": shards.meta.settings, "text": to_dict(app.text)})
-        if words:
-            (export / WORDS_FILE).write_text(words)
-        run.log_artifact(export, "model")
-        summary = {"steps": step, "model": str(export), "fingerprint": read_metadata(export)["fingerprint"],
-                   "parameters": parameters, "metrics": result_metrics(result),
-                   "seconds": time.perf_counter() - began}
-        write_summary(out, run, summary)
-    return summary
+        run = open_run(app, out, "superres", parent)
+        began = time.perf_counter()
+        with run:
+            train_ds, val_ds = split_datasets(shards, TOKEN_COLUMNS)
+            with torch.device("meta"):
+                parameters = sum(p.numel() for p in SuperResTransformer(app.model).parameters())
+            run.log_params({"parameters": parameters, "shards_fingerprint": shards.fingerprint})
+            run.log_metrics({"train_clips": train_ds.count(), "val_clips": val_ds.count()})
+            result = fit("superres", SRRecipe, app, out, run, {"train": train_ds, "val": val_ds},
+                         data=str(data), words=words)
+            weights, step = final_weights(result)
+            model = SuperResTransformer(app.model)
+            model.load_state_dict(weights)
+            export = save_checkpoint(out / "model", model, app.model,
+                                     extra={"steps": step, "tokenizers": shards.meta.tokenizers,
+                                            "media": shards.meta.settings, "text": to_dict(app.text)})
+            if words:
+                save_text(export / WORDS_FILE, words)
+            run.log_artifact(export, "model")
+            summary = {"steps": step, "model": str(export), "fingerprint": read_metadata(export)["fingerprint"],
+                       "parameters": parameters, "metrics": result_metrics(result),
+                       "seconds": time.perf_counter() - began}
+            write_summary(out, run, summary)
+        return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app = app_config(SRTrainConfig, args, {"": "train_sr", "model": "superres"})
         summary = train_sr(app, args.data if len(args.data) > 1 else args.data[0], args.out)
-    except (ConfigError, ValueError, ShardError, FileNotFoundError) as e:
+    except (ConfigError, Busy, ValueError, ShardError, FileNotFoundError) as e:
         print(f"videopoet train sr: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

@@ -43,7 +43,8 @@ from pipeline.media import MediaConfig
 from pipeline.metrics import codebook_usage, psnr, sharpness, si_snr, ssim
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.tracking import TrackingConfig
-from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, app_config,
+from pipeline.storage import Busy
+from train.engine import (claim, DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, app_config,
                           final_weights, fit, open_run, result_metrics, write_run_config, write_summary)
 
 
@@ -476,28 +477,29 @@ def train_tokenizer(modality_name: str, app: Any, manifest: str, out: str | Path
     if getattr(app, "perceptual", PerceptualConfig()).path:
         load_perceptual_network(app.perceptual.path)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, to_dict(app))
-    run = open_run(app, out, name, parent)
-    began = time.perf_counter()
-    with run:
-        train_ds, val_ds, failed = clip_datasets(manifest, app.media, app.val_clips)
-        run.log_metrics({"train_clips": train_ds.count(), "val_clips": val_ds.count(), "failed_inputs": len(failed)})
-        if origin:
-            run.set_tags(origin)
-        result = fit(name, TokenizerRecipe, app, out, run, {"train": train_ds, "val": val_ds},
-                     modality=modality_name, manifest=str(manifest))
-        weights, step = final_weights(result)
-        model = modality.build(app.model)
-        model.load_state_dict(weights)
-        extra = {"steps": step, "manifest": str(manifest), "mode": getattr(app, "mode", "video"), **origin}
-        export = save_checkpoint(out / "tokenizer", model, app.model, extra=extra)
-        run.log_artifact(export, "tokenizer")
-        summary = {"modality": modality_name, "steps": step, "fingerprint": model.fingerprint(),
-                   "tokenizer": str(export), "failed_inputs": failed, "metrics": result_metrics(result),
-                   "seconds": time.perf_counter() - began}
-        write_summary(out, run, summary)
-    return summary
+    with claim(out, name):
+        write_run_config(out, to_dict(app))
+        run = open_run(app, out, name, parent)
+        began = time.perf_counter()
+        with run:
+            train_ds, val_ds, failed = clip_datasets(manifest, app.media, app.val_clips)
+            run.log_metrics({"train_clips": train_ds.count(), "val_clips": val_ds.count(),
+                             "failed_inputs": len(failed)})
+            if origin:
+                run.set_tags(origin)
+            result = fit(name, TokenizerRecipe, app, out, run, {"train": train_ds, "val": val_ds},
+                         modality=modality_name, manifest=str(manifest))
+            weights, step = final_weights(result)
+            model = modality.build(app.model)
+            model.load_state_dict(weights)
+            extra = {"steps": step, "manifest": str(manifest), "mode": getattr(app, "mode", "video"), **origin}
+            export = save_checkpoint(out / "tokenizer", model, app.model, extra=extra)
+            run.log_artifact(export, "tokenizer")
+            summary = {"modality": modality_name, "steps": step, "fingerprint": model.fingerprint(),
+                       "tokenizer": str(export), "failed_inputs": failed, "metrics": result_metrics(result),
+                       "seconds": time.perf_counter() - began}
+            write_summary(out, run, summary)
+        return summary
 
 
 def main(argv: list[str] | None = None, modality_name: str = "video") -> int:
@@ -515,7 +517,7 @@ def main(argv: list[str] | None = None, modality_name: str = "video") -> int:
     try:
         app = app_config(modality.config_class, args, modality.kinds)
         summary = train_tokenizer(modality_name, app, args.manifest, args.out)
-    except (ConfigError, ValueError, ManifestError, FileNotFoundError) as e:
+    except (ConfigError, Busy, ValueError, ManifestError, FileNotFoundError) as e:
         print(f"videopoet train {modality_name}-tokenizer: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "failed_inputs"}, indent=2))

@@ -11,10 +11,12 @@ a shared machine's load hits all alike. Efficiency = job / min(decode, tokenizer
 fast as its slowest stage alone; `ratio` is the steady-state one, which is what a corpus of hours sees.
 Peak memory is the largest sum of PSS (shared pages split between the processes sharing them) over this process
 and every process under it (the local Ray: raylet, object store, workers), sampled every 0.2 s. Without
-checkpoints the flavor's tokenizers get random weights, which tokenize as fast as trained ones. With GPUs the
-job's clips/s per GPU is reported too. The last line printed is one JSON object.
+checkpoints the flavor's tokenizers get random weights, which tokenize as fast as trained ones. With GPUs in the
+local Ray the tokenizer actors run on them in bf16 and the job's clips/s per GPU is reported too; `--device cuda`
+refuses to run without one. The last line printed is one JSON object.
 
     python benchmarks/tokenize_job.py [--flavor demo] [--clips 96] [--rounds 2] [--video-tokenizer CKPT]
+    python benchmarks/tokenize_job.py --device cuda --flavor paper --clips 64 --rounds 1
 """
 
 from __future__ import annotations
@@ -140,7 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-audio", action="store_true", help="video tokens only")
     parser.add_argument("--rounds", type=int, default=2, help="each measure keeps its best of this many rounds")
     parser.add_argument("--work", help="folder for the corpus and outputs (default: a temporary one)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="cuda: fail unless the tokenizer actors get GPUs; cpu: hide the GPUs from Ray; auto: "
+                             "GPUs when there are any (default)")
     args = parser.parse_args(argv)
+    if args.clips < 1 or args.rounds < 1:
+        parser.error("--clips and --rounds must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to this process")
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before Ray starts: it counts the GPUs this process can see
 
     work = Path(args.work or tempfile.mkdtemp(prefix="videopoet-bench-tokenize-"))
     cfg = load_config(TokenizeConfig, args.flavor, [f"inputs_per_shard={BENCH_INPUTS_PER_SHARD}"], kind="tokenize")
@@ -158,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     import ray
+
+    if args.device == "cuda" and not ray.cluster_resources().get("GPU"):
+        raise SystemExit("tokenize_job.py --device cuda: the Ray cluster has no GPU")
 
     load_start = os.getloadavg()
     TokenizeJob(cfg, str(work / "warmup.jsonl"), str(work / "warmup"), video, audio).run()

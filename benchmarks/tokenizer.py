@@ -4,8 +4,9 @@ Each flavor is built with random weights (speed does not depend on them) and run
 17 frames at the flavor's frame size (debug and demo 32x32, paper 128x128) for video, 2.125 s at 16 kHz for audio.
 FLOPs per clip are counted by `torch.utils.flop_counter.FlopCounterMode` over one encode and one decode (convolutions
 and matmuls, 2 FLOPs per multiply-add); achieved FLOP/s is that count over the measured time, and `utilization` is it
-over the device's matmul peak measured in the same run and dtype (`train.flops.matmul_peak_flops`): float32 on the
-CPU, bf16 autocast on a GPU. The headline `ratio` is the utilization of the largest video flavor run (encode + decode).
+over the device's matmul peak measured in the same run and dtype (`train.flops.matmul_peak_flops`, 1024^3 matmuls on
+the CPU, 8192^3 on a GPU): float32 on the CPU, bf16 autocast on a GPU. The headline `ratio` is the utilization of the
+largest video flavor run (encode + decode).
 
 On the CPU torch runs on `--threads` threads (default: all); the paper flavor is slow there (seconds per clip), so
 the default flavors are debug and demo on a CPU and all three on a GPU.
@@ -102,21 +103,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: all)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to this process")
+    unknown = set((args.flavors or "").split(",")) - set(FRAME_SIZE) - {""}
+    if unknown:
+        parser.error(f"--flavors: unknown {sorted(unknown)} (known: {', '.join(FRAME_SIZE)})")
+    if args.batch < 1 or args.rounds < 1:
+        parser.error("--batch and --rounds must be >= 1")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     flavors = (args.flavors or ("debug,demo,paper" if device.type == "cuda" else "debug,demo")).split(",")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = matmul_peak_flops(device, dtype)
+    # 8192^3 matmuls on a GPU: smaller ones are short enough that the synchronize after each understates the peak.
+    peak = matmul_peak_flops(device, dtype, size=8192 if device.type == "cuda" else 1024)
 
     results = {}
     for modality in ("video", "audio"):
         for flavor in flavors:
             r = measure(modality, flavor, args.batch, args.rounds, device, peak)
             results[f"{modality}/{flavor}"] = r
-            print(f"{modality:5} {flavor:6} {r['parameters'] / 1e6:7.2f}M params  encode {r['encode_clips_per_s']:8.2f} "
-                  f"clips/s ({r['encode_gflop_per_clip']:.2f} GFLOP/clip)  decode {r['decode_clips_per_s']:8.2f} "
-                  f"clips/s ({r['decode_gflop_per_clip']:.2f} GFLOP/clip)  {r['tflops'] * 1e3:.1f} GFLOP/s "
+            print(f"{modality:5} {flavor:6} {r['parameters'] / 1e6:7.2f}M params  "
+                  f"encode {r['encode_clips_per_s']:8.2f} clips/s ({r['encode_gflop_per_clip']:.2f} GFLOP/clip)  "
+                  f"decode {r['decode_clips_per_s']:8.2f} clips/s ({r['decode_gflop_per_clip']:.2f} GFLOP/clip)  "
+                  f"{r['tflops'] * 1e3:.1f} GFLOP/s "
                   f"= {r['utilization']:.1%} of peak", flush=True)
     largest = f"video/{flavors[-1]}"
     print(json.dumps({

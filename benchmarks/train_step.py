@@ -11,8 +11,8 @@ loss through DeepSpeed, as `train.llm` does. The plain path is the same model an
 Rounds alternate the two paths and flip their order each round, so load from other processes falls on both. Each
 round drops its first `--warmup` steps (allocator growth, DeepSpeed's first parameter gathers, CUDA kernel selection).
 Step time is taken inside the loop that trains (inside the Ray worker for the trainer), each round's median kept:
-`ratio` = median over rounds of the trainer's step / the same of the plain step, target <= 1.15. Wall time end to end (Ray start-up, worker start-up, DeepSpeed initialization)
-is reported separately.
+`ratio` = median over rounds of the trainer's step / the same of the plain step, target <= 1.15. Wall time end to
+end (Ray start-up, worker start-up, DeepSpeed initialization) is reported separately.
 
 Threads: Ray sets a worker's OMP_NUM_THREADS, hence torch's intra-op threads, to the CPUs the worker reserves (1 by
 default), while a plain process uses every CPU. So the plain path runs torch on `--threads` threads and the trainer's
@@ -20,11 +20,14 @@ worker reserves as many CPUs (`train.cpus_per_worker`); both report their `torch
 thread: on a shared, oversubscribed CPU the OpenMP barriers of multi-threaded kernels wait on descheduled threads.
 
 On a GPU (`--device cuda`) both paths train in bf16 (autocast over fp32 weights for the plain loop, DeepSpeed's bf16
-for the trainer), and the JSON adds MFU (`train.flops`: model FLOPs per token over the measured bf16
-matmul peak). The last printed line is one JSON object with every figure.
+for the trainer). MFU (`train.flops`: model FLOPs per token x tokens/s) is given against the matmul peak measured in
+the training dtype (bf16 on a GPU, float32 on the CPU) and, on a GPU, against the spec sheet's dense bf16 peak
+(`--spec-tflops`, 989 for an H100 or H200). Peak memory: `torch.cuda.max_memory_allocated` on a GPU (the trainer's
+read inside its Ray worker), the process's peak RSS on the CPU. The last printed line is one JSON object with every
+figure.
 
     python benchmarks/train_step.py [--flavor demo] [--batch 8] [--steps 6] [--warmup 2] [--rounds 3] [--threads 1]
-    python benchmarks/train_step.py --device cuda --flavor 300m --batch 16
+    python benchmarks/train_step.py --device cuda --flavor 300m --batch 16 [--spec-tflops 989]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -54,6 +58,7 @@ from train.mixture import collate
 
 WORDS = 8
 TEXT_EMBEDDINGS = 64
+H100_BF16_TFLOPS = 989.0  # dense bf16 of the H100 SXM spec sheet (the H200's is the same)
 
 
 def latent_for(cfg: LLMConfig) -> tuple[int, int, int]:
@@ -93,12 +98,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The device's peak allocated memory since the last reset on a GPU; on the CPU the process's peak RSS (Linux
+    reports ru_maxrss in KiB)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
 # ---------------------------------------------------------------------------------------------------- the two paths
 
 def plain_steps(model_cfg: LLMConfig, train: TrainConfig, batch: dict[str, np.ndarray], steps: int,
-                device: torch.device) -> tuple[list[float], float]:
-    """Seconds per step of a bare PyTorch loop, and the wall time from model construction to the last step."""
+                device: torch.device) -> tuple[list[float], float, float]:
+    """Seconds per step of a bare PyTorch loop, the wall time from model construction to the last step, and the
+    peak memory in GiB."""
     began = time.perf_counter()
+    reset_peak_memory(device)
     torch.manual_seed(train.seed)
     model = VideoPoetLM(model_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
@@ -118,10 +138,11 @@ def plain_steps(model_cfg: LLMConfig, train: TrainConfig, batch: dict[str, np.nd
         loss.item()
         times.append(time.perf_counter() - start)
     wall = time.perf_counter() - began
+    peak = peak_memory_gib(device)
     if device.type == "cuda":
         del model, optimizer
         torch.cuda.empty_cache()  # the trainer's worker shares the GPU
-    return times, wall
+    return times, wall, peak
 
 
 class TimedRecipe(Recipe):
@@ -133,6 +154,7 @@ class TimedRecipe(Recipe):
         self.model_cfg = from_dict(LLMConfig, worker.config["model"])
         self.inputs = tensors(worker.config["batch"], worker.device)
         self.times: list[float] = []
+        reset_peak_memory(worker.device)
 
     def modules(self):
         return {"model": Objective(VideoPoetLM(self.model_cfg))}
@@ -150,7 +172,8 @@ class TimedRecipe(Recipe):
 
     def metrics(self, sums, seconds):
         timed = self.times[self.worker.config["warmup"]:]
-        return {"step_s": statistics.median(timed), "threads": float(torch.get_num_threads())}
+        return {"step_s": statistics.median(timed), "threads": float(torch.get_num_threads()),
+                "peak_memory_gib": peak_memory_gib(self.worker.device)}
 
 
 class Bench:
@@ -162,14 +185,16 @@ class Bench:
 
 
 def trainer_steps(name: str, model_cfg: LLMConfig, train: TrainConfig, batch: dict[str, np.ndarray], warmup: int,
-                  out_dir: str) -> tuple[float, int, float]:
-    """Median seconds per step inside the worker, the worker's torch threads, and the wall time of the whole `fit`."""
+                  out_dir: str) -> tuple[float, int, float, float]:
+    """Median seconds per step inside the worker, the worker's torch threads, the wall time of the whole `fit`, and
+    the worker's peak memory in GiB."""
     began = time.perf_counter()
     train = replace(train, log_every=train.steps, eval_every=train.steps, checkpoint_every=train.steps, progress=False)
     result = fit(name, TimedRecipe, Bench(train), out_dir, NullRun(), {}, model=to_dict(model_cfg), batch=batch,
                  warmup=warmup)
     final_weights(result)  # the export the run ends with
-    return result.metrics["step_s"], int(result.metrics["threads"]), time.perf_counter() - began
+    metrics = result.metrics
+    return metrics["step_s"], int(metrics["threads"]), time.perf_counter() - began, metrics["peak_memory_gib"]
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -179,13 +204,23 @@ def median_ms(times: list[float]) -> float:
 
 
 def mfu_figures(model_cfg: LLMConfig, tokens: int, batch: int, steps: dict[str, list[float]],
-                device: torch.device) -> dict[str, float]:
-    """MFU of each path: model FLOPs per token (at the batch's mean length) x tokens/s over the bf16 matmul peak."""
+                device: torch.device, spec_tflops: float) -> dict[str, float]:
+    """MFU of each path: model FLOPs per token (at the batch's mean length) x tokens/s over the matmul peak measured
+    in the training dtype and, on a GPU, over the spec sheet's bf16 peak."""
     flops = transformer_flops_per_token(model_cfg, tokens / batch)
-    peak = matmul_peak_flops(device, torch.bfloat16)
-    figures = {"peak_tflops": round(peak / 1e12, 1)}
+    cuda = device.type == "cuda"
+    # 8192^3 matmuls on a GPU: at 2048 one matmul takes tens of microseconds and the synchronize after each one
+    # would be a sizeable part of the time, understating the peak (and overstating MFU).
+    peak = matmul_peak_flops(device, torch.bfloat16 if cuda else torch.float32, size=8192 if cuda else 1024)
+    figures = {"peak_tflops": round(peak / 1e12, 3), "peak_dtype": "bfloat16" if cuda else "float32"}
     for path, times in steps.items():
-        figures[f"{path}_mfu"] = round(tokens / statistics.median(times) * flops / peak, 4)
+        achieved = tokens / statistics.median(times) * flops
+        figures[f"{path}_tflops"] = round(achieved / 1e12, 3)
+        figures[f"{path}_mfu"] = round(achieved / peak, 4)
+        if cuda:
+            figures[f"{path}_mfu_spec"] = round(achieved / (spec_tflops * 1e12), 4)
+    if cuda:
+        figures["spec_tflops"] = spec_tflops
     return figures
 
 
@@ -202,7 +237,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads of the plain loop (default 1, or $TORCH_THREADS)")
     parser.add_argument("--worker-cpus", type=int,
                         help="CPUs the trainer's worker reserves, hence its torch threads (default: --threads)")
+    parser.add_argument("--spec-tflops", type=float, default=H100_BF16_TFLOPS,
+                        help="the GPU's dense bf16 peak from its spec sheet, for the second MFU figure (default: "
+                             "989, H100 and H200)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to this process")
+    for name in ("batch", "steps", "rounds", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or not args.spec_tflops > 0:
+        parser.error("--warmup must be >= 0 and --spec-tflops > 0")
 
     device = torch.device(args.device)
     use_gpu = device.type == "cuda"
@@ -218,19 +263,21 @@ def main(argv: list[str] | None = None) -> int:
     ray_start_s = time.perf_counter() - began
     steps: dict[str, list[float]] = {"plain": [], "trainer": []}
     walls: dict[str, list[float]] = {"plain": [], "trainer": []}
+    peaks: dict[str, list[float]] = {"plain": [], "trainer": []}
     worker_threads = set()
     with tempfile.TemporaryDirectory() as out_dir:
         for round_ in range(args.rounds):
             for path in ("plain", "trainer") if round_ % 2 == 0 else ("trainer", "plain"):
                 if path == "plain":
-                    times, wall = plain_steps(model_cfg, train, batch, train.steps, device)
+                    times, wall, peak = plain_steps(model_cfg, train, batch, train.steps, device)
                     step = statistics.median(times[args.warmup:])
                 else:
-                    step, threads, wall = trainer_steps(f"round{round_}", model_cfg, train, batch, args.warmup,
-                                                        out_dir)
+                    step, threads, wall, peak = trainer_steps(f"round{round_}", model_cfg, train, batch,
+                                                              args.warmup, out_dir)
                     worker_threads.add(threads)
                 steps[path].append(step)
                 walls[path].append(wall)
+                peaks[path].append(peak)
                 print(f"round {round_} {path}: median step {median_ms([step])} ms, {wall:.1f} s in all", flush=True)
     ray.shutdown()
 
@@ -250,14 +297,16 @@ def main(argv: list[str] | None = None) -> int:
         "ray_start_s": round(ray_start_s, 2),
         "plain_wall_s": round(statistics.median(walls["plain"]), 2),
         "trainer_wall_s": round(statistics.median(walls["trainer"]), 2),
+        "plain_peak_memory_gib": max(peaks["plain"]), "trainer_peak_memory_gib": max(peaks["trainer"]),
+        "peak_memory": "torch.cuda.max_memory_allocated" if use_gpu else "process peak RSS",
+        **mfu_figures(model_cfg, tokens, args.batch, steps, device, args.spec_tflops),
     }
-    if use_gpu:
-        result.update(mfu_figures(model_cfg, tokens, args.batch, steps, device))
     print(f"{args.flavor} ({params / 1e6:.1f}M parameters, {result['device']}, {tokens} tokens per step): plain "
           f"{result['plain_step_ms']} ms/step on {result['threads_plain']} threads, TorchTrainer + ZeRO-3 "
           f"{result['trainer_step_ms']} ms/step on {result['threads_trainer']}: ratio {result['ratio']}; wall per run "
           f"{result['plain_wall_s']} s plain, {result['trainer_wall_s']} s trainer (+ {result['ray_start_s']} s Ray "
-          "start-up)")
+          f"start-up); trainer MFU {result['trainer_mfu']:.1%} of the measured {result['peak_dtype']} matmul peak "
+          f"({result['peak_tflops']} TFLOP/s), peak memory {result['trainer_peak_memory_gib']} GiB")
     print(json.dumps(result))
     return 0
 

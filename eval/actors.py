@@ -40,6 +40,7 @@ from pipeline.oracle import read_audio_attributes
 from pipeline.sequence import TASKS, Task
 from pipeline.synth import ATTRIBUTES
 
+
 NO_FRAMES = np.zeros((0, 0, 0, 3), np.uint8)
 NO_AUDIO = np.zeros(0, np.float32)
 NO_FEATURES = np.zeros(0, np.float64)
@@ -48,6 +49,11 @@ NO_FEATURES = np.zeros(0, np.float64)
 def _device() -> torch.device:
     # Ray hides GPUs from actors that did not ask for one, so this is the actor's own assignment.
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on a GPU (the networks' forwards; the tokenizers' quantizers keep float32), nothing on the CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _items(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -109,13 +115,12 @@ GENERATED = ("frames", "audio", "ok", "error")
 
 
 class Generate:
-    """Sample rows -> generated clips. The LLM samples on the actor's GPU in bf16 when it has one; the tokenizers
-    encode conditions and decode codes on the CPU, where `VideoPoet` keeps its host arrays."""
+    """Sample rows -> generated clips. The LLM and the tokenizers (conditions in, codes out) run on the actor's GPU
+    under bf16 autocast when it has one; frames and audio stay host arrays between the calls."""
 
     def __init__(self, model_dir: str, sampling: SamplingConfig):
         self.device = _device()
-        self.poet = VideoPoet.load(model_dir)
-        self.poet.model.to(self.device)
+        self.poet = VideoPoet.load(model_dir, device=self.device)
         self.sampling = sampling
 
     def condition(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -132,8 +137,7 @@ class Generate:
                 frames, audio = self.condition(row)
         except MediaError as e:
             return {"frames": NO_FRAMES, "audio": NO_AUDIO, "ok": False, "error": f"condition {row['path']}: {e}"}
-        autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        with autocast:
+        with _autocast(self.device):
             result = self.poet.generate(row["task"], prompt=row["prompt"] or None, frames=frames, audio=audio,
                                         sampling=replace(self.sampling, seed=row["seed"]))
         audio_out = NO_AUDIO if result.audio is None else np.asarray(result.audio, np.float32)
@@ -198,13 +202,16 @@ class Features:
                    video) and the CLIP zero-shot class of each fairness attribute
     oracle_*       the oracle's reads of the video and the audio ("" where nothing is read), and whether the
                    generated modality matches the row's expected attributes
+
+    I3D and CLIP run on the actor's GPU under bf16 autocast when it has one (features and embeddings come back as
+    float32 on the host, and FVD is reduced in float64 as on the CPU), in float32 on the CPU.
     """
 
     def __init__(self, i3d: I3DConfig, clip: ClipConfig, init_seed: int, sample_rate: int):
-        device = _device()
+        self.device = _device()
         with with_weights(i3d, clip, init_seed) as (i3d_cfg, clip_cfg):
-            self.i3d = I3DFeatureExtractor(i3d_cfg, device)
-            self.zero_shot = ClipAttributeClassifier(clip_cfg, device=device)
+            self.i3d = I3DFeatureExtractor(i3d_cfg, self.device)
+            self.zero_shot = ClipAttributeClassifier(clip_cfg, device=self.device)
         self.oracle = OracleAttributeClassifier()
         self.sample_rate = sample_rate
 
@@ -251,8 +258,9 @@ class Features:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = _items(batch)
-        features = self.i3d_features(rows)
-        for row, feature, clip in zip(rows, features, self.clip_columns(rows)):
+        with _autocast(self.device):
+            features, clips = self.i3d_features(rows), self.clip_columns(rows)
+        for row, feature, clip in zip(rows, features, clips):
             row.update(clip, **self.oracle_columns(row), i3d_features=feature)
             if not row["keep_media"]:
                 row.update(frames=NO_FRAMES, audio=NO_AUDIO)

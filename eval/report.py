@@ -54,18 +54,21 @@ def _weights(path: Optional[str], random: bool, seed: int) -> str:
 
 
 def protocols(i3d: I3DConfig, clip: ClipConfig, media: MediaConfig, covariance: str, random: dict[str, bool],
-              init_seed: int) -> dict[str, str]:
-    """How each number was made, in words: stored next to the numbers and on the MLflow run."""
+              init_seed: int, *, gpu: bool) -> dict[str, str]:
+    """How each number was made, in words: stored next to the numbers and on the MLflow run. gpu: the feature
+    networks ran on GPUs (bf16 autocast) rather than CPUs (float32)."""
     divisor = "N - 1" if covariance == "unbiased" else "N"
+    precision = "forward passes in bf16 autocast on GPUs" if gpu else "forward passes in float32 on CPUs"
     i3d_text = (f"I3D (Kinetics-400 Inception-v1) logits averaged over time; the first {i3d.num_frames} frames, "
                 f"shorter side resized to {i3d.size} ({i3d.interpolation}, antialias={i3d.antialias}), center "
-                f"crop, scaled to [-1, 1]; {_weights(i3d.weights, random['i3d'], init_seed)}")
+                f"crop, scaled to [-1, 1]; {precision}; {_weights(i3d.weights, random['i3d'], init_seed)}")
     return {
         "clips": f"{media.clip_frames} frames at {media.fps:g} fps, {media.height}x{media.width} (the model's "
                  f"clip settings; real clips decoded to the same)",
         "fvd": f"Frechet distance between Gaussians fit to generated and real {i3d_text}; {covariance} "
                f"covariance (divisor {divisor}), float64, Tr sqrt via symmetric eigendecompositions",
-        "clipsim": f"open_clip {clip.model}, {_weights(clip.weights or clip.model, random['clip'], init_seed)}; "
+        "clipsim": f"open_clip {clip.model}, {_weights(clip.weights or clip.model, random['clip'], init_seed)}, "
+                   f"{precision}; "
                    f"per video the mean over all frames of the frame-prompt cosine (clip_similarity, raw) and of "
                    f"100 * max(cosine, 0) (clip_score_x100); means over videos",
         "fairness": f"attribute classes of generated videos: CLIP zero-shot (open_clip {clip.model}, "

@@ -8,14 +8,15 @@
 a built-in set: `fairness` (the paper's 306 prompts x 8 samples) or `synthetic` (the synthetic world's 48 captions,
 once per task of `synthetic_tasks`). --real: a corpus manifest whose clips are FVD's reference set.
 
-Pipeline: sample rows -> Generate actors (the LLM; with GPUs, a GPU share each in bf16) -> [real clips, decoded at
-the model's clip settings] -> Features actors (I3D, CLIP similarity, CLIP zero-shot and oracle classifiers) -> the
-driver. The driver streams rows into OUT/samples.parquet, accumulates I3D feature statistics, and reduces the rows to
-OUT/metrics.json (FVD, CLIPSIM, fairness statistics, prompt adherence and audio-visual agreement, each next to its
-protocol), OUT/plots and a few OUT/samples MP4s. All of it goes to an MLflow run: nested under the training run with
---parent-run (in that run's tracking store: --tracking-uri, or the one the checkpoint's mlflow_run.json records),
-else its own run in OUT/mlflow.db. Without I3D or CLIP weights files the networks are random-init, and every output
-says so.
+Pipeline: sample rows -> Generate actors (the LLM and its tokenizers) -> [real clips, decoded at the model's clip
+settings] -> Features actors (I3D, CLIP similarity, CLIP zero-shot and oracle classifiers) -> the driver. With GPUs in
+the cluster a Generate and a Features actor share each GPU and run their networks there in bf16 autocast (the protocols
+say so); otherwise they run on CPUs in float32. The driver streams rows into OUT/samples.parquet, accumulates I3D
+feature statistics, and reduces the rows to OUT/metrics.json (FVD, CLIPSIM, fairness statistics, prompt adherence and
+audio-visual agreement, each next to its protocol), OUT/plots and a few OUT/samples MP4s. All of it goes to an MLflow
+run: nested under the training run with --parent-run (in that run's tracking store: --tracking-uri, or the one the
+checkpoint's mlflow_run.json records), else its own run in OUT/mlflow.db. Without I3D or CLIP weights files the networks
+are random-init, and every output says so.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster import init_ray
+from cluster import gpu_count
 from eval.actors import Features, Generate, decode_real, is_random
 from eval.clip_score import ClipConfig
 from eval.fairness import ATTRIBUTE_PROMPTS
@@ -241,7 +242,8 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
     rows = sample_rows(prompt_set, cfg.max_samples, cfg.sampling.seed, cfg.media_samples)
     manifest = read_manifest(real).select(["id", "path", "caption"]) if real else None
     random = is_random(cfg.i3d, cfg.clip)
-    texts = protocols(cfg.i3d, cfg.clip, media, cfg.covariance, random, cfg.init_seed)
+    gpus = gpu_count()  # starts or joins Ray; with GPUs the actors take GPU shares and run in bf16
+    texts = protocols(cfg.i3d, cfg.clip, media, cfg.covariance, random, cfg.init_seed, gpu=gpus > 0)
     labels = {"clip": " (RANDOM-INIT CLIP)" if random["clip"] else "", "oracle": ""}
     save_text(out / "eval_config.json", to_json(cfg) + "\n")
 
@@ -251,7 +253,6 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
         run.set_tags({"eval.i3d_weights": "random-init" if random["i3d"] else cfg.i3d.weights,
                       "eval.clip_weights": "random-init" if random["clip"] else cfg.clip.weights or cfg.clip.model,
                       "eval.prompts": prompt_set.name})
-        init_ray()
         collector = Collector(out / "samples.parquet")
         try:
             for batch in pipeline(cfg, model, media, rows, manifest).iter_batches(batch_size=None,
@@ -261,7 +262,7 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
             collector.close()
         samples = write_media(collector, media, out)
         report = {
-            "checkpoint": str(model), "prompts": prompt_set.name, "real": real, "random_init": random,
+            "checkpoint": str(model), "prompts": prompt_set.name, "real": real, "random_init": random, "gpus": gpus,
             "samples": _samples_summary(collector.rows),
             "errors": [{"id": r["id"], "error": r["error"]} for r in collector.rows if not r["ok"]][:20],
             "protocol": texts,

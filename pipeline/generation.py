@@ -131,7 +131,17 @@ class SuperResStage:
 
     @torch.no_grad()
     def decode_video(self, codes: np.ndarray) -> np.ndarray:
-        return tensor_to_video(self.video_tokenizer.decode(torch.from_numpy(codes)[None].long()))[0].cpu().numpy()
+        return _decode_frames(self.video_tokenizer, codes)
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _decode_frames(tokenizer, codes: np.ndarray) -> np.ndarray:
+    """Video codes (t, h, w) -> uint8 frames (T, H, W, 3) on the host, decoded on the tokenizer's device."""
+    codes = torch.from_numpy(np.asarray(codes))[None].long().to(_device(tokenizer))
+    return tensor_to_video(tokenizer.decode(codes))[0].cpu().numpy()
 
 
 def check_cascade(grid: tuple[int, int, int], fingerprint: str, stages: Sequence[SuperResStage]) -> None:
@@ -188,24 +198,30 @@ class VideoPoet:
     def audio_grid(self) -> tuple[int, int] | None:
         return None if self.audio_tokenizer is None else self.audio_tokenizer.latent_shape(self.media.clip_samples)
 
+    # The tokenizers run on their own device (the LLM's, when loaded with `device=`); arrays in and out stay on the
+    # host. uint8 frames cross to the device before they become float: a quarter of the bytes.
+
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> np.ndarray:
         """uint8 (T, H, W, 3) -> codes (t, h, w)."""
-        return self.video_tokenizer.encode(video_to_tensor(frames[None]))[0].numpy()
+        frames = torch.from_numpy(np.asarray(frames))[None].to(_device(self.video_tokenizer))
+        return self.video_tokenizer.encode(video_to_tensor(frames))[0].cpu().numpy()
 
     @torch.no_grad()
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
         if self.audio_tokenizer is None:
             raise ValueError("this model was trained without an audio tokenizer")
-        return self.audio_tokenizer.encode(torch.from_numpy(np.asarray(audio, np.float32))[None])[0].numpy()
+        audio = torch.from_numpy(np.asarray(audio, np.float32))[None].to(_device(self.audio_tokenizer))
+        return self.audio_tokenizer.encode(audio)[0].cpu().numpy()
 
     @torch.no_grad()
     def decode_video(self, codes: np.ndarray) -> np.ndarray:
-        return tensor_to_video(self.video_tokenizer.decode(torch.from_numpy(codes)[None].long()))[0].numpy()
+        return _decode_frames(self.video_tokenizer, codes)
 
     @torch.no_grad()
     def decode_audio(self, codes: np.ndarray) -> np.ndarray:
-        audio = self.audio_tokenizer.decode(torch.from_numpy(codes)[None].long())[0].clamp(-1, 1).numpy()
+        codes = torch.from_numpy(np.asarray(codes))[None].long().to(_device(self.audio_tokenizer))
+        audio = self.audio_tokenizer.decode(codes)[0].float().clamp(-1, 1).cpu().numpy()
         return np.pad(audio, (0, max(0, self.media.clip_samples - len(audio))))
 
     # ------------------------------------------------------------------------------------------------ sampling

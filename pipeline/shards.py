@@ -3,19 +3,24 @@ tokenizers. Files are written with `pipeline.storage`'s atomic writers.
 
 Layout of a tokenize job's output folder OUT:
 
-    OUT/<fingerprint>/shard-00000.parquet        token shards and nothing else: any Parquet reader loads the folder
-    OUT/_jobs/<fingerprint>/job.json             the job manifest: configs, input counts, per-shard totals, status
-    OUT/_jobs/<fingerprint>/shards/shard-00000.json   one record per finished shard (counts and failed inputs)
-    OUT/_jobs/<fingerprint>/errors.parquet       every input that failed: source, id, stage, error_kind, message
+    OUT/<fingerprint>/shard-00000.parquet          token shards and nothing else: any Parquet reader loads the folder
+    OUT/__jobs/<fingerprint>/job.json              the job manifest: configs, generations, input counts, status
+    OUT/__jobs/<fingerprint>/records/*.parquet     shard records (RECORD_SCHEMA), many per file
+    OUT/__jobs/<fingerprint>/ids/gen-NNNNN/*.parquet   each generation's ids, sorted, with their shards
+    OUT/__jobs/<fingerprint>/errors.parquet        every input that failed: source, id, stage, error_kind, message
+    OUT/__jobs/lock                                who runs a job on OUT
 
-`<fingerprint>` covers everything that decides the tokens (the tokenizers' own fingerprints, the decode settings and
-the optional outputs), so re-tokenizing with a new tokenizer writes a new folder and leaves the old one untouched.
+The job's own files live under `__jobs`, a name that Parquet readers skip (pyarrow, Ray Data and Spark skip names
+starting with `_` or `.`, Hugging Face `datasets` those starting with `__` or `.`), so OUT itself loads as the shards
+of its tokenization. `<fingerprint>` covers everything that decides the tokens (the tokenizers' own fingerprints, the
+decode settings and the optional outputs), so re-tokenizing with a new tokenizer writes a new folder and leaves the
+old one untouched.
 
-Exactly once: inputs are assigned to shards by position in the id-sorted manifest, and a shard is done when its
-record exists and, if it has clips, its Parquet file too. Each file is written atomically: under a hidden temporary
-name then renamed on filesystems with atomic rename, and straight to its final key on object stores, where an
-upload becomes visible only once complete (shard keys are written at most once). A shard without clips has a record
-and no Parquet file, because some readers (Hugging Face `datasets`) reject Parquet files without rows.
+Exactly once: inputs are assigned to shards by position in the id-sorted inputs of their generation
+(`tokenize_jobs.plan`), and a shard is done when its record exists and, if it has clips, its Parquet file has the
+size the record gives. Each file is written atomically (`pipeline.storage.write_atomic`), the shard before its
+record. A shard without clips has a record and no Parquet file, because some readers (Hugging Face `datasets`)
+reject Parquet files without rows.
 """
 
 from __future__ import annotations
@@ -37,11 +42,11 @@ import pyarrow.parquet as pq
 from pipeline.storage import resolve_filesystem
 
 SCHEMA_VERSION = 1
-JOBS_DIR = "_jobs"
+JOBS_DIR = "__jobs"
+LEGACY_JOBS_DIR = "_jobs"  # before shard records were batched; Hugging Face `datasets` reads into it
 META_KEY = b"videopoet"
 FINGERPRINT_CHARS = 16
 _SHARD_FILE = re.compile(r"^shard-(\d{5,})\.parquet$")
-_RECORD_FILE = re.compile(r"^shard-(\d{5,})\.json$")
 _FINGERPRINT = re.compile(rf"^[0-9a-f]{{{FINGERPRINT_CHARS}}}$")
 
 # Token columns come in pairs: `<name>_tokens` (flattened, row-major over the shape) and `<name>_shape`.
@@ -90,6 +95,22 @@ ERRORS_SCHEMA = pa.schema([
     pa.field("clips_kept", pa.int32(), False),  # clips decoded before the failure (a file damaged part-way)
 ])
 
+# One row per finished shard (the tokenize job's RecordLog).
+RECORD_SCHEMA = pa.schema([
+    pa.field("index", pa.int64(), False),
+    pa.field("inputs", pa.int32(), False),
+    pa.field("clips", pa.int64(), False),
+    pa.field("first_id", pa.string(), False),
+    pa.field("last_id", pa.string(), False),
+    pa.field("bytes", pa.int64(), False),  # the shard file's size (0 without clips): a file of another size is redone
+    pa.field("inputs_failed", pa.int32(), False),
+    pa.field("inputs_partial", pa.int32(), False),  # failed part-way, clips before the damage kept
+    pa.field("errors", pa.list_(pa.struct(list(ERRORS_SCHEMA))), False),
+    pa.field("truncated", pa.list_(pa.struct([pa.field("id", pa.string(), False),
+                                              pa.field("source", pa.string(), False),
+                                              pa.field("clips_kept", pa.int32(), False)])), False),
+])
+
 
 # ---------------------------------------------------------------------------------------------------- names
 
@@ -99,15 +120,6 @@ def shard_name(index: int) -> str:
 
 def shard_index(name: str) -> int | None:
     match = _SHARD_FILE.match(posixpath.basename(name))
-    return int(match.group(1)) if match else None
-
-
-def record_name(index: int) -> str:
-    return f"shard-{index:05d}.json"
-
-
-def record_index(name: str) -> int | None:
-    match = _RECORD_FILE.match(posixpath.basename(name))
     return int(match.group(1)) if match else None
 
 
@@ -132,7 +144,7 @@ class ShardMeta:
     tokenizers: dict[str, Any]  # {"video": {"fingerprint", "kind", "config"}, "audio": {...} or None}
     settings: dict[str, Any]  # decode settings and optional outputs
     shard: dict[str, Any]  # index, inputs, clips, first_id, last_id
-    created: str  # ISO 8601, UTC
+    created: str  # ISO 8601, UTC: when the shard's generation was planned (a shard redone is the same file)
     schema_version: int = SCHEMA_VERSION
 
     def to_metadata(self) -> dict[bytes, bytes]:
@@ -212,10 +224,6 @@ def clips_table(batch: Mapping[str, Any]) -> pa.Table:
         else:
             columns[name] = pa.array(np.asarray(batch[name]).tolist(), field.type)
     return pa.Table.from_pydict(columns, schema=SCHEMA)
-
-
-def errors_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist([{f.name: row[f.name] for f in ERRORS_SCHEMA} for row in rows], schema=ERRORS_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -32,7 +32,8 @@ OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
 # a config point a filesystem client at any host, or carry credentials; those belong in the environment.
 ALLOWED_QUERY = frozenset({"region"})
 LEASE_S = 120.0  # an object-store lock not renewed for this long belongs to a dead job
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # one letter would be a Windows drive
+URI_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]+://"  # one letter would be a Windows drive
+_URI = re.compile(URI_PATTERN)
 _TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-z_]+$")
 
 
@@ -146,22 +147,31 @@ def save_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_atomic(fs: pa_fs.FileSystem, path: str, write: Callable[[Any], None]) -> None:
-    """Write `path` with `write(stream)` so that readers see either nothing or the whole file."""
+@contextlib.contextmanager
+def open_atomic(fs: pa_fs.FileSystem, path: str) -> Iterator[Any]:
+    """An output stream for `path` that readers see either not at all or whole: published when the block succeeds,
+    discarded when it raises."""
     if isinstance(fs, pa_fs.LocalFileSystem):
         with atomic_path(path) as tmp, open(tmp, "wb") as out:
-            write(out)
+            yield out
         return
     fs.create_dir(posixpath.dirname(path), recursive=True)
     tmp = _temporary(path)
     try:
         with fs.open_output_stream(tmp) as out:
-            write(out)
+            yield out
         fs.move(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):  # the upload may never have created the key
             fs.delete_file(tmp)
         raise
+
+
+def write_atomic(fs: pa_fs.FileSystem, path: str, write: Callable[[Any], Any]) -> Any:
+    """Write `path` with `write(stream)` so that readers see either nothing or the whole file; returns what `write`
+    returns."""
+    with open_atomic(fs, path) as out:
+        return write(out)
 
 
 def remove_temporaries(fs: pa_fs.FileSystem, directory: str) -> int:
@@ -177,10 +187,16 @@ def remove_temporaries(fs: pa_fs.FileSystem, directory: str) -> int:
 
 
 def write_table(fs: pa_fs.FileSystem, path: str, table: pa.Table,
-                metadata: Mapping[bytes, bytes] | None = None) -> None:
+                metadata: Mapping[bytes, bytes] | None = None) -> int:
+    """Write `table` as Parquet, atomically; returns the file's size in bytes."""
     if metadata is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    write_atomic(fs, path, lambda out: pq.write_table(table, out))
+
+    def write(out) -> int:
+        pq.write_table(table, out)
+        return out.tell()
+
+    return write_atomic(fs, path, write)
 
 
 def write_json(fs: pa_fs.FileSystem, path: str, data: Any) -> None:
@@ -194,15 +210,6 @@ def read_json(fs: pa_fs.FileSystem, path: str) -> Any | None:
         return None
     with fs.open_input_stream(path) as f:
         return json.load(io.BytesIO(f.read()))
-
-
-def parquet_readable(fs: pa_fs.FileSystem, path: str) -> bool:
-    """Whether `path` ends in a Parquet footer that parses (a file cut short does not)."""
-    try:
-        pq.read_metadata(path, filesystem=fs)
-    except (OSError, pa.ArrowException):
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------- locking

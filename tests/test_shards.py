@@ -8,7 +8,7 @@ import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.shards import (ERRORS_SCHEMA, SCHEMA, SCHEMA_VERSION, ShardError, ShardMeta, clips_table, errors_table,
+from pipeline.shards import (SCHEMA, SCHEMA_VERSION, ShardError, ShardMeta, clips_table,
                              fingerprint_of, open_shards, shard_index, shard_name)
 from pipeline.storage import read_json, remove_temporaries, write_atomic, write_json, write_table
 
@@ -135,13 +135,6 @@ def test_json_helpers(tmp_path):
     assert read_json(LOCAL, str(tmp_path / "none.json")) is None
     write_json(LOCAL, str(tmp_path / "a" / "job.json"), {"inputs": 3})
     assert read_json(LOCAL, str(tmp_path / "a" / "job.json")) == {"inputs": 3}
-
-
-def test_errors_table():
-    row = {"source": "x.mp4", "id": "x", "stage": "decode", "error_kind": "corrupt", "message": "bad", "clips_kept": 2}
-    table = errors_table([row])
-    assert table.schema.equals(ERRORS_SCHEMA) and table.to_pylist() == [row]
-    assert errors_table([]).num_rows == 0
 
 
 def test_open_shards_from_file_folder_and_out(tmp_path):

@@ -12,9 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.storage import (Busy, UnsafeUri, check_uri, exclusive, is_uri, owner_record, parquet_readable, redact,
-                              redact_values, remove_temporaries, resolve_filesystem, save_text, write_json,
-                              write_table)
+from pipeline.storage import (Busy, UnsafeUri, check_uri, exclusive, is_uri, owner_record, redact, redact_values,
+                              remove_temporaries, resolve_filesystem, save_text, write_json, write_table)
 
 LOCAL = pa_fs.LocalFileSystem()
 
@@ -99,7 +98,7 @@ def s3(monkeypatch):
 
 def test_a_failed_upload_publishes_nothing(s3):
     table = pa.table({"x": list(range(10000))})
-    write_table(s3, "bucket/t/shard-00000.parquet", table)
+    size = write_table(s3, "bucket/t/shard-00000.parquet", table)
 
     def cut(out):  # what an exception mid-upload leaves: half a file, then the error
         sink = pa.BufferOutputStream()
@@ -111,10 +110,7 @@ def test_a_failed_upload_publishes_nothing(s3):
         storage.write_atomic(s3, "bucket/t/shard-00001.parquet", cut)
     keys = [i.path for i in s3.get_file_info(pa_fs.FileSelector("bucket/t", recursive=True))]
     assert keys == ["bucket/t/shard-00000.parquet"]  # no truncated shard, no temporary left behind
-    assert parquet_readable(s3, keys[0]) and pq.read_table(keys[0], filesystem=s3).equals(table)
-    with s3.open_output_stream("bucket/t/shard-00002.parquet") as out:  # a truncated object, as arrow#40502 leaves
-        out.write(b"PAR1" + b"\0" * 100)
-    assert not parquet_readable(s3, "bucket/t/shard-00002.parquet")
+    assert s3.get_file_info(keys[0]).size == size and pq.read_table(keys[0], filesystem=s3).equals(table)
 
 
 def test_object_store_lease(s3, monkeypatch):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow.compute as pc
 import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 import pytest
@@ -33,7 +34,7 @@ from pipeline.magvit import MagvitConfig, MagvitModel, video_to_tensor
 from pipeline.manifest import read_manifest
 from pipeline.media import decode
 from pipeline.quantizers import RVQConfig
-from pipeline.shards import SCHEMA, ShardError, open_shards, shard_files
+from pipeline.shards import JOBS_DIR, SCHEMA, ShardError, open_shards, shard_files
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.synth import SynthConfig, write_corpus
 from pipeline.text import ENCODER_FILE, WORDS_FILE, FrozenTextEncoder, WordVocabulary
@@ -121,7 +122,7 @@ def digest(folder):
 
 
 def only_fingerprint(out):
-    (folder,) = [p for p in Path(out).iterdir() if p.name != "_jobs"]
+    (folder,) = [p for p in Path(out).iterdir() if p.name != JOBS_DIR]
     return folder
 
 
@@ -160,9 +161,9 @@ def test_shard_layout_metadata_and_job_manifest(tokenized, tokenizers):
     assert meta.tokenizers["video"]["fingerprint"] == load_checkpoint(tokenizers / "video").fingerprint()
     assert meta.tokenizers["audio"]["config"]["quantizer"]["levels"] == 4
     assert meta.settings["media"]["height"] == 32 and meta.shard["inputs"] == 1
-    job = json.loads((tokenized / "_jobs" / folder.name / "job.json").read_text())
+    job = json.loads((tokenized / JOBS_DIR / folder.name / "job.json").read_text())
     assert job["status"] == "done" and job["inputs"] == 6 and job["clips"] == 12 and job["inputs_failed"] == 0
-    assert pq.read_table(tokenized / "_jobs" / folder.name / "errors.parquet").num_rows == 0
+    assert pq.read_table(tokenized / JOBS_DIR / folder.name / "errors.parquet").num_rows == 0
 
 
 def test_rerun_skips_finished_shards(tokenized, corpus, tokenizers):
@@ -174,23 +175,31 @@ def test_rerun_skips_finished_shards(tokenized, corpus, tokenizers):
     assert digest(only_fingerprint(tokenized)) == before
 
 
-def test_a_different_manifest_cannot_resume_into_the_same_out(tokenized, corpus, tokenizers, tmp_path, capsys):
+def test_removing_inputs_is_refused_naming_one(tokenized, corpus, tokenizers, tmp_path, capsys):
     smaller = subset(corpus, 3, tmp_path / "three.jsonl")
     assert main(job_args(smaller, tokenized, tokenizers, "--inputs-per-shard", "1")) == 2
-    assert "started with a different manifest" in capsys.readouterr().err
+    gone = sorted(read_manifest(corpus).column("id").to_pylist())[3:]
+    err = capsys.readouterr().err
+    assert "lacks 3 of the 6 inputs that earlier runs planned" in err and repr(gone[0]) in err
+    assert main(job_args(corpus, tokenized, tokenizers, "--inputs-per-shard", "2")) == 2
+    assert "inputs_per_shard = 1 (now 2)" in capsys.readouterr().err
 
 
 def test_shards_load_with_pyarrow_ray_and_datasets(tokenized, ray_local, tmp_path):
+    """The tokenization folder and OUT itself (the job's own files under __jobs are skipped by every reader)."""
     import datasets
     import pyarrow.dataset as pa_ds
 
     folder = str(only_fingerprint(tokenized))
     expected = sorted(open_shards(folder).to_table(["clip_id"]).column("clip_id").to_pylist())
-    assert sorted(pa_ds.dataset(folder, format="parquet").to_table().column("clip_id").to_pylist()) == expected
-    ray_rows = ray_local.data.read_parquet(folder).select_columns(["clip_id", "video_tokens"]).take_all()
-    assert sorted(r["clip_id"] for r in ray_rows) == expected and len(ray_rows[0]["video_tokens"]) == 80
-    hf = datasets.load_dataset("parquet", data_dir=folder, split="train", cache_dir=str(tmp_path / "hf"))
-    assert sorted(hf["clip_id"]) == expected and len(hf[0]["audio_tokens"]) == 4 * 106
+    assert (tokenized / JOBS_DIR / "lock").exists() and list((tokenized / JOBS_DIR).glob("*/*.parquet"))
+    for location in (folder, str(tokenized)):
+        assert sorted(pa_ds.dataset(location, format="parquet").to_table().column("clip_id").to_pylist()) == expected
+        ray_rows = ray_local.data.read_parquet(location).select_columns(["clip_id", "video_tokens"]).take_all()
+        assert sorted(r["clip_id"] for r in ray_rows) == expected and len(ray_rows[0]["video_tokens"]) == 80
+        hf = datasets.load_dataset("parquet", data_dir=location, split="train",
+                                   cache_dir=str(tmp_path / "hf" / Path(location).name))
+        assert sorted(hf["clip_id"]) == expected and len(hf[0]["audio_tokens"]) == 4 * 106
 
 
 def test_shards_info(tokenized, capsys):
@@ -239,7 +248,7 @@ def test_new_tokenizer_writes_a_new_fingerprint_with_optional_outputs(ray_local,
     args = job_args(manifest, out, tokenizers, *options, audio=False)
     args[args.index("--video-tokenizer") + 1] = str(tokenizers / "video2")
     assert main(args) == 0
-    second = next(p for p in out.iterdir() if p.name not in ("_jobs", first.name))
+    second = next(p for p in out.iterdir() if p.name not in (JOBS_DIR, first.name))
     assert digest(first) == before, "re-tokenizing must leave the old shards untouched"
     assert open_shards(str(second)).meta.tokenizers["video"]["fingerprint"] != \
         open_shards(str(first)).meta.tokenizers["video"]["fingerprint"]
@@ -284,8 +293,12 @@ def test_bad_inputs_become_error_rows_and_the_guard_fails_the_job(ray_local, cor
     captured = capsys.readouterr()
     assert f"{len(rows) - 1} of {len(rows)} inputs failed" in captured.err and "errors.parquet" in captured.err
     assert "tokenize failed" in captured.out
+    # The console names the failed inputs (all of them here: fewer than five), their error kinds and messages.
+    for name, kind in (("missing.mp4", "missing"), ("notes.mp4", "not_media"), ("stalled.mp4", "timeout")):
+        assert f"failed: {name}: {kind}: " in captured.out, captured.out
+    assert f"every failed input: {out / JOBS_DIR}" in captured.out
     folder = only_fingerprint(out)
-    errors = {e["source"]: e for e in pq.read_table(out / "_jobs" / folder.name / "errors.parquet").to_pylist()}
+    errors = {e["source"]: e for e in pq.read_table(out / JOBS_DIR / folder.name / "errors.parquet").to_pylist()}
     kinds = {source: e["error_kind"] for source, e in errors.items()}
     expected = {"missing.mp4": "missing", "notes.mp4": "not_media", "stalled.mp4": "timeout"}
     if REAL.exists():
@@ -296,7 +309,7 @@ def test_bad_inputs_become_error_rows_and_the_guard_fails_the_job(ray_local, cor
 
     from pipeline.tracking import default_uri, search_runs
 
-    (run,) = search_runs(default_uri(out / "_jobs"), "videopoet")
+    (run,) = search_runs(default_uri(out / JOBS_DIR), "videopoet")
     assert run.data.metrics["inputs_failed"] == len(rows) - 1 and run.info.status == "FAILED"
 
 
@@ -310,7 +323,7 @@ def test_the_whole_real_corpus(ray_local, tokenizers, tmp_path, capsys):
     assert main(args + ["--max-error-fraction", "0.5"]) == 0  # same tokenization: every shard is skipped
     assert "0 written, 4 already done" in capsys.readouterr().out
     folder = only_fingerprint(out)
-    errors = {e["source"]: e for e in pq.read_table(out / "_jobs" / folder.name / "errors.parquet").to_pylist()}
+    errors = {e["source"]: e for e in pq.read_table(out / JOBS_DIR / folder.name / "errors.parquet").to_pylist()}
     assert {s: e["error_kind"] for s, e in errors.items()} == {
         "result.webm": "empty", "example.wav": "no_video", "crunching.mp3": "no_video", "corrupted.mp4": "corrupt"}
     rows = open_shards(str(out)).to_table().to_pylist()
@@ -406,8 +419,68 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tokenized, ray_local, co
         assert pq.read_table(folder / path.name).equals(pq.read_table(path))
     clip_ids = open_shards(str(folder)).to_table(["clip_id"]).column("clip_id").to_pylist()
     assert len(clip_ids) == len(set(clip_ids)) == 12
-    job = json.loads((out / "_jobs" / folder.name / "job.json").read_text())
+    job = json.loads((out / JOBS_DIR / folder.name / "job.json").read_text())
     assert job["status"] == "done" and job["clips"] == 12
+
+
+def manifest_lines(corpus, keep, name):
+    """The corpus manifest's rows `keep` (indices, in that order), beside it: the same relative paths and columns, so
+    the clips equal the reference run's."""
+    lines = corpus.read_text().splitlines()
+    path = corpus.parent / f"{name}-{os.getpid()}-{time.monotonic_ns()}.jsonl"
+    path.write_text("".join(lines[i] + "\n" for i in keep))
+    return path
+
+
+def all_clips(folder):
+    table = open_shards(str(folder)).to_table()
+    return table.take(pc.sort_indices(table, [("clip_id", "ascending")]))
+
+
+@pytest.mark.heavy
+def test_a_grown_manifest_tokenizes_only_its_new_inputs_exactly_once_through_a_sigkill(tokenized, ray_local, corpus,
+                                                                                       tokenizers, capsys):
+    out = corpus.parent / f"grown-out-{time.monotonic_ns()}"
+    order = [4, 1, 5, 0, 3, 2]
+    first = manifest_lines(corpus, order[:3], "first")  # rows 4, 1, 5
+    assert main(job_args(first, out, tokenizers, "--inputs-per-shard", "1")) == 0
+    folder = out / only_fingerprint(tokenized).name
+    old = digest(folder)
+    assert sorted(old) == [f"shard-0000{i}.parquet" for i in range(3)]
+    grown = manifest_lines(corpus, order[::-1], "grown")  # every row, the old ones among the new, in another order
+
+    args = job_args(grown, out, tokenizers, "--inputs-per-shard", "1")
+    log = corpus.parent / f"grown-{time.monotonic_ns()}.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "tokenize_jobs.job", *args], stdout=f,
+                                stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None and len(digest(folder)) == 3:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    end_session(proc)
+    assert 3 < len(digest(folder)) < 6, f"not interrupted part-way: {log.read_text()[-3000:]}"
+
+    capsys.readouterr()
+    assert main(args) == 0
+    summary = capsys.readouterr().out
+    assert "6 inputs" in summary and "0 new in this run, in 2 generations" in summary
+    after = digest(folder)
+    assert {k: after[k] for k in old} == old, "the first run's shards must never move"
+    assert sorted(after) == [f"shard-0000{i}.parquet" for i in range(6)]
+    ids = [json.loads(line)["id"] for line in corpus.read_text().splitlines()]
+    new_ids = sorted(ids[i] for i in order[3:])
+    for k, key in enumerate(new_ids):  # the new inputs, sorted among themselves, in shards after the old ones
+        assert set(pq.read_table(folder / f"shard-0000{3 + k}.parquet").column("id").to_pylist()) == {key}
+    # Clip for clip the uninterrupted single run of the whole manifest: nothing missing, nothing twice.
+    assert all_clips(folder).equals(all_clips(only_fingerprint(tokenized)))
+    job = json.loads((out / JOBS_DIR / folder.name / "job.json").read_text())
+    assert [(g["inputs"], g["first_shard"], g["shards"]) for g in job["generations"]] == [(3, 0, 3), (3, 3, 3)]
+    assert job["status"] == "done" and job["inputs"] == 6 and job["clips"] == 12
+    assert shards_cli.main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "generations: 2: 3 inputs in shards 0-2" in text and "3 inputs in shards 3-5" in text
+    assert "clips: 12" in text and "inputs: 6 (6 ok" in text
 
 
 @pytest.mark.heavy
@@ -446,7 +519,7 @@ def test_s3_input_and_output(tokenized, corpus, tokenizers, tmp_path, monkeypatc
         for path in shards.files:
             with s3.open_input_file(path) as f:
                 assert pq.read_table(f).equals(pq.read_table(reference / path.rsplit("/", 1)[1]))
-        assert s3.get_file_info(f"corpus/tokens/_jobs/{reference.name}/errors.parquet").size > 0
+        assert s3.get_file_info(f"corpus/tokens/{JOBS_DIR}/{reference.name}/errors.parquet").size > 0
         assert not [i for i in s3.get_file_info(pa_fs.FileSelector("corpus/tokens", recursive=True))
                     if ".tmp-" in i.path]
         # Re-running skips every shard: the shard keys are written once.

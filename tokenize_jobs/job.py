@@ -11,47 +11,54 @@ those whose inputs are in flight.
 
 Exactly once: the manifest is sorted by id and shard k holds inputs [k * n, (k + 1) * n); finished shards are
 skipped, so re-running the same command after a crash (even SIGKILL) yields the same clips as an uninterrupted run
-(see `pipeline.shards` for the layout and the atomic writes). `--max-error-fraction` fails the job (exit code 1) when
-too many inputs failed; every failure is a row of `errors.parquet` either way. Works the same on a laptop (embedded
-Ray) and under `ray job submit` (joins RAY_ADDRESS), with OUT and the manifest on any pyarrow filesystem URI.
+(see `pipeline.shards` for the layout and the atomic writes). A manifest that grew (every earlier row plus new ones,
+in any order) tokenizes only its new inputs, as a new generation of shards after the existing ones
+(`tokenize_jobs.plan`, which also plans corpora of any size in bounded driver memory). `--max-error-fraction` fails
+the job (exit code 1) when too many inputs failed; every failure is a row of `errors.parquet` either way, and the
+first few are named on the console. Works the same on a laptop (embedded Ray) and under `ray job submit` (joins
+RAY_ADDRESS), with OUT and the manifest on any pyarrow filesystem URI.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
+import contextlib
 import json
 import math
 import posixpath
 import sys
+import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pa_fs
+import pyarrow.parquet as pq
 import torch
 
 from cluster import init_ray
 from pipeline.checkpoint import model_classes
 from pipeline.config import ConfigError, from_dict, load_config, to_dict
-from pipeline.manifest import ManifestError, read_manifest
 from pipeline.media import LIMIT_FIELDS, MediaConfig
-from pipeline.shards import (JOBS_DIR, ShardError, ShardMeta, clips_table, errors_table, fingerprint_of,
-                             record_index, record_name, shard_index, shard_name)
-from pipeline.storage import (Busy, UnsafeUri, exclusive, is_uri, owner_record, parquet_readable, read_json, redact,
+from pipeline.shards import (ERRORS_SCHEMA, JOBS_DIR, LEGACY_JOBS_DIR, RECORD_SCHEMA, ShardError, ShardMeta,
+                             clips_table, fingerprint_of, shard_index, shard_name)
+from pipeline.storage import (Busy, UnsafeUri, exclusive, is_uri, open_atomic, owner_record, read_json, redact,
                               redact_values, remove_temporaries, resolve_filesystem, write_json, write_table)
 from pipeline.tracking import TrackingConfig, start_run
+from tokenize_jobs.plan import Generation, Plan, PlanError, Planner, WorkSource, shard_inputs
 from tokenize_jobs.stages import (AudioTokenizer, Decode, TextEncoder, VideoTokenizer, add_structure,
                                   checkpoint_metadata, downscale_2x, text_encoder_metadata)
 
-MANIFEST_COLUMNS = ("id", "path", "source", "caption", "split")
-MAX_INPUT_BLOCKS = 4096  # manifest rows go to Ray in at most this many blocks, whatever the corpus size
+READ_CONCURRENCY = 2  # work parts read at once (reads take no CPU, so Ray would otherwise start them all)
+EXAMPLES = 5  # failed inputs named on the console
+MESSAGE_CHARS = 200  # of each one's message
 SIDE_GPU_SHARE = 0.25  # with GPUs, audio and text actors share a GPU with video actors (their models are smaller)
 
 
@@ -72,6 +79,8 @@ class TokenizeConfig:
     side_cpus: float = 0.5  # per audio tokenizer or text encoder actor without GPUs
     tokenizer_actors: int = 1  # most actors per tokenizer stage without GPUs; with GPUs, one per GPU
     max_error_fraction: float = 0.1  # of inputs that fail; above it the job exits 1
+    plan_memory_mb: int = 256  # manifest rows sorted in memory at a time by the planner (its peak: about twice)
+    record_flush_s: float = 30.0  # shard records are written together at most this often (0: after every shard)
     hr: bool = False  # also tokenize each clip at 2x (decoded at 2x; the base frames are its 2x2 means)
     structure: bool = False  # also tokenize the structure video (flow + luminance), for stylization
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=False))
@@ -80,6 +89,10 @@ class TokenizeConfig:
         for name in ("inputs_per_shard", "decode_actors", "batch_size", "tokenizer_actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TokenizeConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.plan_memory_mb < 16:
+            raise ValueError(f"TokenizeConfig.plan_memory_mb must be >= 16, got {self.plan_memory_mb!r}")
+        if not self.record_flush_s >= 0:
+            raise ValueError(f"TokenizeConfig.record_flush_s must be >= 0, got {self.record_flush_s!r}")
         for name in ("decode_cpus", "tokenizer_cpus", "side_cpus"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TokenizeConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -126,24 +139,16 @@ def _meta_model(tokenizer: dict[str, Any]) -> torch.nn.Module:
         return model_class(_config(tokenizer))
 
 
-def _extras(table: pa.Table) -> pa.Array:
-    """The manifest's other columns of each row as one JSON object (null when there are none)."""
-    others = [c for c in table.column_names if c not in MANIFEST_COLUMNS]
-    if not others:
-        return pa.nulls(len(table), pa.string())
-    rows = table.select(others).to_pylist()
-    return pa.array([json.dumps(row, sort_keys=True, default=str) for row in rows], pa.string())
-
-
 class ShardAssembler:
     """Collects clip rows per shard and hands a shard over once every one of its inputs is complete.
 
     Rows arrive in any order and an input's rows are split across batches (they stream); the rows of its last
     batch carry `input_rows`, the number of rows the input produced (0 on the others), so completion is a count.
+    `inputs_of(shard)` is how many inputs a shard holds. Memory holds the shards with rows in flight only.
     """
 
-    def __init__(self, inputs_per_shard: dict[int, int]):
-        self.expected = dict(inputs_per_shard)
+    def __init__(self, inputs_of: Callable[[int], int]):
+        self.inputs_of = inputs_of
         self.complete_inputs: collections.Counter[int] = collections.Counter()
         self.rows_seen: collections.Counter[str] = collections.Counter()
         self.rows_total: dict[str, int] = {}
@@ -151,7 +156,7 @@ class ShardAssembler:
 
     @property
     def open_shards(self) -> list[int]:
-        return sorted(s for s, n in self.expected.items() if self.complete_inputs[s] < n)
+        return sorted(self.parts)
 
     def add(self, batch: dict[str, np.ndarray]) -> list[tuple[int, dict[str, np.ndarray]]]:
         shards = np.asarray(batch["shard"])
@@ -168,10 +173,68 @@ class ShardAssembler:
                 self.complete_inputs[int(shard)] += 1
                 touched.add(int(shard))
         complete = []
-        for shard in sorted(s for s in touched if self.complete_inputs[s] == self.expected[s]):
+        for shard in sorted(s for s in touched if self.complete_inputs[s] == self.inputs_of(s)):
             parts = self.parts.pop(shard)
+            del self.complete_inputs[shard]
             complete.append((shard, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}))
         return complete
+
+
+class RecordLog:
+    """Shard records, written to OUT/__jobs/<fingerprint>/records/ together: one Parquet file per `flush_s`
+    seconds (and one at the end), so that reading every record back costs a few requests, not one per shard.
+
+    A record is written after its shard's file and names the file's size; a run killed before a flush loses the
+    records of at most `flush_s` seconds, whose shards the next run redoes (into the same bytes). File names sort
+    by the time of the run that wrote them, then by sequence: a later record of a shard replaces an earlier one.
+    """
+
+    def __init__(self, fs: pa_fs.FileSystem, folder: str, flush_s: float):
+        self.fs, self.folder, self.flush_s = fs, folder, flush_s
+        self.stamp = _stamp()
+        self.pending: list[dict[str, Any]] = []
+        self.oldest = 0.0
+        self.files = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        if not self.pending:
+            self.oldest = time.monotonic()
+        self.pending.append(record)
+        if time.monotonic() - self.oldest >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            path = posixpath.join(self.folder, f"{self.stamp}-{self.files:06d}.parquet")
+            write_table(self.fs, path, pa.Table.from_pylist(self.pending, schema=RECORD_SCHEMA))
+            self.files += 1
+            self.pending = []
+
+
+def record_files(fs: pa_fs.FileSystem, folder: str) -> list[str]:
+    """The record files of a tokenization, oldest first (one listing)."""
+    infos = fs.get_file_info(pa_fs.FileSelector(folder, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pa_fs.FileType.File and i.path.endswith(".parquet"))
+
+
+def read_records(fs: pa_fs.FileSystem, files: list[str], columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
+    """Every shard's latest record, a file at a time (newest first), read 16 files at once (on object stores each
+    is a round trip)."""
+    seen: set[int] = set()
+
+    def read(path: str) -> pa.Table:
+        with fs.open_input_file(path) as f:
+            return pq.read_table(f, columns=columns, schema=RECORD_SCHEMA)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for table in pool.map(read, files[::-1]):
+            index = table.column("index").to_numpy()
+            _, first = np.unique(index, return_index=True)  # a compaction crashed half-way leaves copies
+            keep = np.zeros(len(index), bool)
+            keep[first] = True
+            keep &= ~np.isin(index, np.fromiter(seen, np.int64, len(seen)))
+            seen.update(index[keep].tolist())
+            yield table.filter(pa.array(keep))
 
 
 # ---------------------------------------------------------------------------------------------------- the job
@@ -196,12 +259,14 @@ class TokenizeJob:
         self.job_dir = posixpath.join(root, JOBS_DIR, self.fingerprint)
         self.job_file = posixpath.join(self.job_dir, "job.json")
         self.lock_file = posixpath.join(root, JOBS_DIR, "lock")
+        self.legacy_job_dir = posixpath.join(root, LEGACY_JOBS_DIR, self.fingerprint)
 
     def shard_path(self, index: int) -> str:
         return posixpath.join(self.shard_dir, shard_name(index))
 
-    def record_path(self, index: int) -> str:
-        return posixpath.join(self.job_dir, "shards", record_name(index))
+    @property
+    def records_dir(self) -> str:
+        return posixpath.join(self.job_dir, "records")
 
     def _check_tokenizers(self) -> None:
         media = self.cfg.media
@@ -228,92 +293,81 @@ class TokenizeJob:
 
     # ------------------------------------------------------------------------------------------------ plan
 
-    def plan(self) -> pa.Table:
-        """The manifest sorted by id, with each row's shard and its carried columns (split, extras)."""
+    def plan(self, folder: str, generations: list[Generation] = (), done: np.ndarray = np.empty(0, np.int64)) -> Plan:
+        """Plan the manifest against the recorded `generations` (`tokenize_jobs.plan`), with runs and work parts in
+        the local `folder`; `done` holds the shards already written."""
+        planner = Planner(self.fs, self.job_dir, self.cfg.inputs_per_shard, self.cfg.plan_memory_mb << 20, folder)
         try:
-            table = read_manifest(self.manifest)
-        except ManifestError as e:
+            return planner.plan(self.manifest, list(generations), done, _now())
+        except PlanError as e:
             raise TokenizeError(str(e)) from None
-        if len(table) == 0:
-            raise TokenizeError(f"manifest {self.manifest} has no rows")
-        table = table.sort_by("id")
-        split = (table.column("split").cast(pa.string()) if "split" in table.column_names
-                 else pa.nulls(len(table), pa.string()))
-        shard = pa.array(np.arange(len(table)) // self.cfg.inputs_per_shard, pa.int64())
-        return pa.table({"id": table.column("id"), "path": table.column("path"), "source": table.column("source"),
-                         "caption": table.column("caption"), "split": split, "extras": _extras(table),
-                         "shard": shard})
 
-    def _job_record(self, plan: pa.Table) -> dict[str, Any]:
-        ids = hashlib.sha256("\n".join(plan.column("id").to_pylist()).encode()).hexdigest()
+    def _previous(self) -> Optional[dict[str, Any]]:
+        """The job record of this tokenization in OUT, checked to fit this run."""
+        if self.fs.get_file_info(posixpath.join(self.legacy_job_dir, "job.json")).type == pa_fs.FileType.File:
+            raise TokenizeError(
+                f"--out {redact(self.out)}: {self.fingerprint} was started by an earlier version of the tokenize job "
+                f"(records in {LEGACY_JOBS_DIR}/, one file per shard), which this version does not resume; its shards "
+                f"stay readable: tokenize into another --out")
+        previous = read_json(self.fs, self.job_file)
+        if previous is not None and previous["inputs_per_shard"] != self.cfg.inputs_per_shard:
+            raise TokenizeError(
+                f"--out {redact(self.out)}: {self.fingerprint} was started with inputs_per_shard = "
+                f"{previous['inputs_per_shard']} (now {self.cfg.inputs_per_shard}); shards map inputs by position, "
+                "so resuming would mix them: use the same inputs_per_shard, or another --out")
+        return previous
+
+    def _job_record(self, generations: list[Generation]) -> dict[str, Any]:
         return redact_values({"fingerprint": self.fingerprint, "tokenizers": self.tokenizers,
                               "settings": self.settings, "config": to_dict(self.cfg), "manifest": self.manifest,
-                              "inputs": len(plan), "ids_sha256": ids, "inputs_per_shard": self.cfg.inputs_per_shard,
-                              "shards": self.shard_count(plan)})
+                              "inputs_per_shard": self.cfg.inputs_per_shard,
+                              "generations": [g.to_dict() for g in generations],
+                              "inputs": sum(g.inputs for g in generations),
+                              "shards": sum(g.shards for g in generations)})
 
-    def shard_count(self, plan: pa.Table) -> int:
-        return -(-len(plan) // self.cfg.inputs_per_shard)
-
-    def _claim(self, plan: pa.Table) -> dict[str, Any]:
-        """Write job.json for a fresh OUT, or check that the OUT being resumed was planned the same way."""
-        record = self._job_record(plan)
-        previous = read_json(self.fs, self.job_file)
-        if previous is not None:
-            for key in ("ids_sha256", "inputs_per_shard"):
-                if previous[key] != record[key]:
-                    raise TokenizeError(
-                        f"--out {self.out}: {self.fingerprint} was started with a different "
-                        f"{'manifest' if key == 'ids_sha256' else 'inputs_per_shard'} ({previous['inputs']} inputs, "
-                        f"{previous['inputs_per_shard']} per shard; now {record['inputs']} and "
-                        f"{record['inputs_per_shard']}); shards map inputs by position, so resuming would mix them: "
-                        "use another --out")
-        write_json(self.fs, self.job_file, {**record, "status": "running", "updated": _now()})
-        return record
-
-    def finished_shards(self) -> set[int]:
-        """Shards whose record exists and, if they have clips, whose file does too and ends in a Parquet footer that
-        reads (two listings, a footer read per file, and a read of each record without a file, to tell a shard
-        without clips from one killed between its two writes). A shard cut short, however it got there, is redone."""
-        recorded = self._listed(posixpath.join(self.job_dir, "shards"), record_index)
-        written = sorted(recorded & self._listed(self.shard_dir, shard_index))
-        unwritten = sorted(recorded - set(written))
-        empty = {i for i, r in zip(unwritten, self._read_records(unwritten)) if r["clips"] == 0}
-        with ThreadPoolExecutor(max_workers=16) as pool:  # on object stores each footer is a round trip
-            readable = pool.map(lambda i: parquet_readable(self.fs, self.shard_path(i)), written)
-            return {i for i, ok in zip(written, readable) if ok} | empty
-
-    def _listed(self, directory: str, index_of) -> set[int]:
-        infos = self.fs.get_file_info(pa_fs.FileSelector(directory, allow_not_found=True))
-        return {index_of(i.path) for i in infos if i.type == pa_fs.FileType.File and index_of(i.path) is not None}
-
-    def _read_records(self, indices: list[int]) -> list[dict[str, Any]]:
-        # Threads: on object stores each read is a round trip.
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            return list(pool.map(lambda i: read_json(self.fs, self.record_path(i)), indices))
+    def finished_shards(self, shards: int) -> np.ndarray:
+        """The indices (below `shards`) of the shards whose latest record exists and, if they have clips, whose file
+        has the size the record gives: one listing of the shards, one of the records and a read of each record
+        file. A shard cut short, however it got there, is redone."""
+        sizes = np.full(shards, -1, np.int64)
+        for info in self.fs.get_file_info(pa_fs.FileSelector(self.shard_dir, allow_not_found=True)):
+            index = shard_index(info.path)
+            if index is not None and index < shards and info.type == pa_fs.FileType.File:
+                sizes[index] = info.size
+        done = []
+        for table in read_records(self.fs, record_files(self.fs, self.records_dir), ["index", "clips", "bytes"]):
+            index, clips, size = (table.column(c).to_numpy() for c in ("index", "clips", "bytes"))
+            inside = index < shards
+            index, clips, size = index[inside], clips[inside], size[inside]
+            done.append(index[(clips == 0) | (sizes[index] == size)])
+        return np.sort(np.concatenate(done)) if done else np.empty(0, np.int64)
 
     # ------------------------------------------------------------------------------------------------ run
 
     def run(self) -> dict[str, Any]:
         """Tokenize what is not done yet, holding OUT: a second job on the same OUT is refused (Busy), so neither
         deletes the other's temporaries."""
-        plan = self.plan()
         owner = owner_record(job="tokenize", fingerprint=self.fingerprint, manifest=redact(self.manifest))
         with exclusive(self.fs, self.lock_file, owner, f"--out {redact(self.out)}"):
-            return self._run(plan)
+            return self._run()
 
-    def _run(self, plan: pa.Table) -> dict[str, Any]:
-        record = self._claim(plan)
+    def _run(self) -> dict[str, Any]:
+        previous = self._previous()
+        generations = [Generation.from_dict(g) for g in previous["generations"]] if previous else []
         removed = remove_temporaries(self.fs, self.shard_dir) + remove_temporaries(self.fs, self.job_dir)
-        done = self.finished_shards()
-        pending = plan.filter(pc.invert(pc.is_in(plan.column("shard"), pa.array(sorted(done), pa.int64()))))
-        began = time.perf_counter()
-        written = self.process(pending) if len(pending) else []
-        seconds = time.perf_counter() - began
-        summary = self.finish(record, plan)
+        done = self.finished_shards(sum(g.shards for g in generations))
+        with tempfile.TemporaryDirectory(prefix="videopoet-plan-") as folder:
+            plan = self.plan(folder, generations, done)
+            record = self._job_record(plan.generations)
+            write_json(self.fs, self.job_file, {**(previous or {}), **record, "status": "running", "updated": _now()})
+            began = time.perf_counter()
+            written = self.process(plan) if plan.work else []
+            seconds = time.perf_counter() - began
+        summary = self.finish(record, plan.generations)
         clips_now = sum(n for _, n in written)
-        summary.update(shards_written=len(written), shards_skipped=len(done), temporaries_removed=removed,
-                       clips_this_run=clips_now, seconds=round(seconds, 3),
-                       clips_per_s=round(clips_now / seconds, 3) if written else 0.0)
+        summary.update(inputs_new=plan.new_inputs, generations=len(plan.generations), shards_written=len(written),
+                       shards_skipped=len(done), temporaries_removed=removed, clips_this_run=clips_now,
+                       seconds=round(seconds, 3), clips_per_s=round(clips_now / seconds, 3) if written else 0.0)
         return summary
 
     def output_columns(self) -> list[tuple[str, str]]:
@@ -321,13 +375,15 @@ class TokenizeJob:
         return [("frames", "video")] + ([("frames_hr", "hr_video")] if self.cfg.hr else []) + \
             ([("structure", "structure")] if self.cfg.structure else [])
 
-    def decode(self, pending: pa.Table):
-        """Manifest rows -> clip rows (frames, audio and the carried columns), as a Ray dataset."""
+    def decode(self, work: list[tuple[str, int]]):
+        """Work rows (`Plan.work`) -> clip rows (frames, audio and the carried columns), as a Ray dataset."""
         import ray
 
         cfg = self.cfg
         transforms = ([downscale_2x] if cfg.hr else []) + ([add_structure] if cfg.structure else [])
-        ds = ray.data.from_arrow(pending, override_num_blocks=min(len(pending), MAX_INPUT_BLOCKS))
+        # One block per input (split inside the read tasks: a repartition would need CPUs that the actors hold).
+        ds = ray.data.read_datasource(WorkSource(work), num_cpus=0, concurrency=READ_CONCURRENCY,
+                                      override_num_blocks=sum(rows for _, rows in work))
         # Decode runs in its own actor pool: Ray Data would fuse decode tasks into the tokenizer actors (same
         # resources), which serializes decoding behind tokenizing.
         return ds.map_batches(Decode, fn_constructor_args=(cfg.decode_media, transforms), batch_size=1,
@@ -359,31 +415,31 @@ class TokenizeJob:
                                 batch_format="numpy", compute=actors, **side)
         return ds
 
-    def process(self, pending: pa.Table) -> list[tuple[int, int]]:
-        """Tokenize the pending inputs and write their shards; returns (shard, clips) per shard written."""
+    def process(self, plan: Plan) -> list[tuple[int, int]]:
+        """Tokenize the plan's work and write its shards; returns (shard, clips) per shard written."""
         init_ray()
-        counts = collections.Counter(pending.column("shard").to_pylist())
-        assembler = ShardAssembler(counts)
-        bounds = self._shard_bounds(pending)
+        generations = plan.generations
+        firsts = [g.first_shard for g in generations]
+        assembler = ShardAssembler(lambda s: shard_inputs(generations, self.cfg.inputs_per_shard, s))
+        records = RecordLog(self.fs, self.records_dir, self.cfg.record_flush_s)
         written = []
-        for batch in self.tokenize(self.decode(pending)).iter_batches(batch_size=None, batch_format="numpy"):
-            for shard, rows in assembler.add(batch):
-                written.append((shard, self.write_shard(shard, rows, counts[shard], bounds[shard])))
-        if assembler.open_shards:
-            raise RuntimeError(f"tokenize: the pipeline ended with shards {assembler.open_shards} incomplete")
+        try:
+            for batch in self.tokenize(self.decode(plan.work)).iter_batches(batch_size=None, batch_format="numpy"):
+                for shard, rows in assembler.add(batch):
+                    generation = generations[int(np.searchsorted(firsts, shard, side="right")) - 1]
+                    clips = self.write_shard(shard, rows, assembler.inputs_of(shard), generation.created, records)
+                    written.append((shard, clips))
+        finally:
+            records.flush()  # the records of every shard written, even when the pipeline failed
+        if assembler.open_shards or len(written) != plan.pending_shards:
+            raise RuntimeError(f"tokenize: the pipeline ended with {len(written)} of {plan.pending_shards} shards "
+                               f"written (shards {assembler.open_shards[:10]} incomplete)")
         return written
 
-    @staticmethod
-    def _shard_bounds(pending: pa.Table) -> dict[int, tuple[str, str]]:
-        bounds: dict[int, tuple[str, str]] = {}
-        for shard, key in zip(pending.column("shard").to_pylist(), pending.column("id").to_pylist()):
-            first, _ = bounds.get(shard, (key, key))
-            bounds[shard] = (first, key)
-        return bounds
-
-    def write_shard(self, index: int, rows: dict[str, np.ndarray], inputs: int, bounds: tuple[str, str]) -> int:
-        """Write shard `index`: its record (counts, failed and truncated inputs) first, then its clips; returns the
-        clip count."""
+    def write_shard(self, index: int, rows: dict[str, np.ndarray], inputs: int, created: str,
+                    records: RecordLog) -> int:
+        """Write shard `index`, then hand its record (counts, size, failed and truncated inputs) to `records`;
+        returns the clip count. `created` is its generation's: a shard redone is the same file."""
         ok = np.asarray(rows["ok"], bool)
         kept = collections.Counter(rows["id"][ok].tolist())
         errors = [{"source": str(rows["source"][i]), "id": str(rows["id"][i]), "stage": "decode",
@@ -394,39 +450,82 @@ class TokenizeJob:
         truncated = [{"id": key, "source": source, "clips_kept": kept[key]} for key, source in sorted(cut.items())]
         clips = clips_table({k: v[ok] for k, v in rows.items()})
         clips = clips.take(pc.sort_indices(clips, [("clip_id", "ascending")]))
-        shard = {"index": index, "inputs": inputs, "clips": len(clips), "first_id": bounds[0], "last_id": bounds[1]}
-        record = {**shard, "file": shard_name(index) if len(clips) else None, "errors": errors,
-                  "inputs_failed": sum(e["clips_kept"] == 0 for e in errors),
-                  "inputs_partial": sum(e["clips_kept"] > 0 for e in errors), "truncated": truncated}
-        write_json(self.fs, self.record_path(index), record)
+        ids = [str(key) for key in rows["id"]]  # every input has a row: its clips, or its error
+        shard = {"index": index, "inputs": inputs, "clips": len(clips), "first_id": min(ids), "last_id": max(ids)}
+        size = 0
         if len(clips):
-            meta = ShardMeta(self.fingerprint, redact_values(self.tokenizers), self.settings, shard, _now())
-            write_table(self.fs, self.shard_path(index), clips, meta.to_metadata())
+            meta = ShardMeta(self.fingerprint, redact_values(self.tokenizers), self.settings, shard, created)
+            size = write_table(self.fs, self.shard_path(index), clips, meta.to_metadata())
+        records.add({**shard, "bytes": size, "errors": errors,
+                     "inputs_failed": sum(e["clips_kept"] == 0 for e in errors),
+                     "inputs_partial": sum(e["clips_kept"] > 0 for e in errors), "truncated": truncated})
         return len(clips)
 
-    def finish(self, record: dict[str, Any], plan: pa.Table) -> dict[str, Any]:
-        """Gather the shard records into errors.parquet and job.json; returns the job's summary."""
-        records = self._read_records(list(range(record["shards"])))
-        errors = [e for r in records for e in r["errors"]]
-        write_table(self.fs, posixpath.join(self.job_dir, "errors.parquet"), errors_table(errors))
-        failed = len(errors)
-        fraction = failed / len(plan)
+    def finish(self, record: dict[str, Any], generations: list[Generation]) -> dict[str, Any]:
+        """Gather the shard records, a file at a time, into errors.parquet, job.json and one compacted record file;
+        returns the job's summary."""
+        inputs = sum(g.inputs for g in generations)
+        files = record_files(self.fs, self.records_dir)
+        counts = collections.Counter()
+        kinds: collections.Counter[str] = collections.Counter()
+        examples: list[dict[str, Any]] = []
+        compacted = posixpath.join(self.records_dir, f"{_stamp()}-compacted.parquet")
+        with contextlib.ExitStack() as stack:  # writers close (footers) before their files are published
+            errors = stack.enter_context(pq.ParquetWriter(stack.enter_context(open_atomic(self.fs, self.errors_path)),
+                                                          ERRORS_SCHEMA))
+            merged = (stack.enter_context(pq.ParquetWriter(stack.enter_context(open_atomic(self.fs, compacted)),
+                                                           RECORD_SCHEMA)) if len(files) > 1 else None)
+            for table in read_records(self.fs, files):
+                flat = pc.list_flatten(table.column("errors"))
+                failed = pa.Table.from_batches([pa.RecordBatch.from_struct_array(c) for c in flat.chunks],
+                                               schema=ERRORS_SCHEMA)
+                errors.write_table(failed)
+                if merged is not None:
+                    merged.write_table(table)
+                kinds.update(failed.column("error_kind").to_pylist())
+                examples = _first(examples + _examples(table), EXAMPLES)
+                counts.update(shards=len(table), failed=len(failed), clips=pc.sum(table.column("clips")).as_py() or 0,
+                              partial=pc.sum(table.column("inputs_partial")).as_py() or 0,
+                              truncated=pc.sum(pc.list_value_length(table.column("truncated"))).as_py() or 0,
+                              shards_with_clips=pc.sum(pc.greater(table.column("clips"), 0)).as_py() or 0)
+        for path in files if len(files) > 1 else []:
+            self.fs.delete_file(path)
+        fraction = counts["failed"] / inputs
         status = "done" if fraction <= self.cfg.max_error_fraction else "failed"
-        totals = {"inputs": len(plan), "inputs_ok": len(plan) - failed, "inputs_failed": failed,
-                  "inputs_partial": sum(r["inputs_partial"] for r in records),
-                  # records written before `truncated` existed have none
-                  "inputs_truncated": sum(len(r.get("truncated", [])) for r in records),
-                  "clips": sum(r["clips"] for r in records), "shards": len(records),
-                  "shards_with_clips": sum(r["clips"] > 0 for r in records), "error_fraction": round(fraction, 4),
-                  "errors_by_kind": dict(sorted(collections.Counter(e["error_kind"] for e in errors).items()))}
+        totals = {"inputs": inputs, "inputs_ok": inputs - counts["failed"], "inputs_failed": counts["failed"],
+                  "inputs_partial": counts["partial"], "inputs_truncated": counts["truncated"],
+                  "clips": counts["clips"], "shards": counts["shards"],
+                  "shards_with_clips": counts["shards_with_clips"], "error_fraction": round(fraction, 4),
+                  "errors_by_kind": dict(sorted(kinds.items()))}
         write_json(self.fs, self.job_file, {**record, **totals, "status": status, "updated": _now()})
         return {"status": status, "fingerprint": self.fingerprint,
                 "out": redact(posixpath.join(self.out, self.fingerprint)),
-                "max_error_fraction": self.cfg.max_error_fraction, **totals}
+                "errors": redact(posixpath.join(self.out, JOBS_DIR, self.fingerprint, "errors.parquet")),
+                "failed_examples": examples, "max_error_fraction": self.cfg.max_error_fraction, **totals}
+
+    @property
+    def errors_path(self) -> str:
+        return posixpath.join(self.job_dir, "errors.parquet")
+
+
+def _examples(records: pa.Table) -> list[dict[str, Any]]:
+    """The failed inputs of the first shards with failures in a table of records, with their shard index."""
+    failing = records.filter(pc.greater(pc.list_value_length(records.column("errors")), 0))
+    first = failing.take(pc.sort_indices(failing, [("index", "ascending")])).slice(0, EXAMPLES)
+    return [{"shard": r["index"], **e} for r in first.select(["index", "errors"]).to_pylist() for e in r["errors"]]
+
+
+def _first(examples: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    return sorted(examples, key=lambda e: (e["shard"], e["id"]))[:n]
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _stamp() -> str:
+    """A name prefix that sorts by time, unique to its run."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}"
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -446,13 +545,22 @@ def _track(cfg: TokenizeConfig, out: str, summary: dict[str, Any], parent_run_id
 
 def format_summary(summary: dict[str, Any]) -> str:
     kinds = ", ".join(f"{k} {n}" for k, n in summary["errors_by_kind"].items()) or "none"
-    return (f"tokenize {summary['status']}: {summary['clips']} clips from {summary['inputs']} inputs "
-            f"({summary['inputs_ok']} ok, {summary['inputs_failed']} failed, {summary['inputs_partial']} of them kept "
-            f"clips before the damage; errors: {kinds}; {summary['inputs_truncated']} cut at media.max_clips) in "
-            f"{summary['shards']} shards "
-            f"({summary['shards_written']} written, {summary['shards_skipped']} already done); "
-            f"{summary['clips_this_run']} clips in {summary['seconds']:.1f} s = {summary['clips_per_s']:.2f} clips/s "
-            f"-> {summary['out']}")
+    lines = [f"tokenize {summary['status']}: {summary['clips']} clips from {summary['inputs']} inputs "
+             f"({summary['inputs_ok']} ok, {summary['inputs_failed']} failed, {summary['inputs_partial']} of them kept "
+             f"clips before the damage; errors: {kinds}; {summary['inputs_truncated']} cut at media.max_clips; "
+             f"{summary['inputs_new']} new in this run, in {summary['generations']} generation"
+             f"{'s' if summary['generations'] > 1 else ''}) in "
+             f"{summary['shards']} shards "
+             f"({summary['shards_written']} written, {summary['shards_skipped']} already done); "
+             f"{summary['clips_this_run']} clips in {summary['seconds']:.1f} s = {summary['clips_per_s']:.2f} clips/s "
+             f"-> {summary['out']}"]
+    for e in summary["failed_examples"]:
+        message = e["message"] if len(e["message"]) <= MESSAGE_CHARS else e["message"][:MESSAGE_CHARS] + "..."
+        lines.append(f"  failed: {e['source']}: {e['error_kind']}: {message}")
+    rest = summary["inputs_failed"] - len(summary["failed_examples"])
+    if summary["inputs_failed"]:
+        lines.append(f"  {f'... and {rest} more; ' if rest else ''}every failed input: {summary['errors']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -472,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hr", action="store_true", help="also write 2x video tokens, for super-resolution")
     parser.add_argument("--structure", action="store_true", help="also write structure-video tokens, for stylization")
     parser.add_argument("--tracking-uri", help="log the summary to this MLflow tracking URI")
-    parser.add_argument("--track", action="store_true", help="log the summary to MLflow in OUT/_jobs/mlflow.db")
+    parser.add_argument("--track", action="store_true", help=f"log the summary to MLflow in OUT/{JOBS_DIR}/mlflow.db")
     parser.add_argument("--parent-run-id", help="log as a child run of this MLflow run")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
@@ -502,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary["status"] != "done":
         print(f"videopoet tokenize: {summary['inputs_failed']} of {summary['inputs']} inputs failed "
               f"({summary['error_fraction']:.1%}), above --max-error-fraction {cfg.max_error_fraction:.1%}; "
-              f"see {redact(posixpath.join(args.out, JOBS_DIR, summary['fingerprint'], 'errors.parquet'))}",
+              f"see {summary['errors']}",
               file=sys.stderr)
         return 1
     return 0

@@ -1,9 +1,9 @@
 """`videopoet shards info OUT`: what a tokenize job wrote, per tokenization (fingerprint) folder.
 
-Prints the job's status and input counts, shard and clip counts, the tokenizers and their fingerprints, token
-statistics (latent shapes, codebook usage and perplexity per token column) and the error summary. OUT is a job's
-output folder (every tokenization in it) or one `OUT/<fingerprint>` folder; local or any pyarrow filesystem URI.
-`--json` prints the same as one JSON object.
+Prints the job's status and input counts, shard and clip counts, its generations (the runs that added inputs to
+one corpus), the tokenizers and their fingerprints, token statistics (latent shapes, codebook usage and perplexity
+per token column) and the error summary. OUT is a job's output folder (every tokenization in it) or one
+`OUT/<fingerprint>` folder; local or any pyarrow filesystem URI. `--json` prints the same as one JSON object.
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ def tokenization_info(location: str, fs: pa_fs.FileSystem, root: str, fingerprin
                             "status": job.get("status", "unknown")}
     info.update({k: job[k] for k in ("inputs", "inputs_ok", "inputs_failed", "inputs_partial", "error_fraction",
                                      "shards", "updated") if k in job})
+    if "generations" in job:  # one corpus, grown by appends: each run's new inputs sorted into shards after the others
+        info["generations"] = [{k: g[k] for k in ("index", "inputs", "first_shard", "shards", "created")}
+                               for g in job["generations"]]
     files = shard_files(fs, shard_dir)
     tokenizers = job.get("tokenizers")
     if files:
@@ -91,12 +94,17 @@ def tokenization_info(location: str, fs: pa_fs.FileSystem, root: str, fingerprin
         info["tokenizers"] = {role: describe(role, t) for role, t in tokenizers.items() if t}
     errors_path = posixpath.join(job_dir, "errors.parquet")
     if fs.get_file_info(errors_path).type == pa_fs.FileType.File:
-        errors = pq.read_table(errors_path, filesystem=fs, schema=ERRORS_SCHEMA).to_pylist()
-        info["errors"] = {"count": len(errors),
-                          "by_kind": dict(sorted(collections.Counter(e["error_kind"] for e in errors).items())),
-                          "by_stage": dict(sorted(collections.Counter(e["stage"] for e in errors).items())),
-                          "examples": [{k: e[k] for k in ("source", "stage", "error_kind", "message")}
-                                       for e in errors[:EXAMPLES]]}
+        kinds: collections.Counter[str] = collections.Counter()
+        stages: collections.Counter[str] = collections.Counter()
+        examples: list[dict[str, Any]] = []
+        with fs.open_input_file(errors_path) as f:  # batch by batch: a corpus of millions may fail by millions
+            for batch in pq.ParquetFile(f).iter_batches(columns=list(ERRORS_SCHEMA.names)):
+                kinds.update(batch.column("error_kind").to_pylist())
+                stages.update(batch.column("stage").to_pylist())
+                examples += batch.slice(0, EXAMPLES - len(examples)).select(
+                    ["source", "stage", "error_kind", "message"]).to_pylist()
+        info["errors"] = {"count": kinds.total(), "by_kind": dict(sorted(kinds.items())),
+                          "by_stage": dict(sorted(stages.items())), "examples": examples}
     return info
 
 
@@ -145,6 +153,10 @@ def format_info(report: dict[str, Any]) -> str:
                      f"{report['inputs_partial']} of them kept clips; error fraction {report['error_fraction']:.1%})")
     lines.append(f"  shards: {report.get('shards', '?')} ({report.get('files', 0)} files with clips), "
                  f"clips: {report.get('clips', 0)}")
+    if generations := report.get("generations"):
+        parts = ", ".join(f"{g['inputs']} inputs in shards {g['first_shard']}-{g['first_shard'] + g['shards'] - 1} "
+                          f"({g['created']})" for g in generations)
+        lines.append(f"  generations: {len(generations)}: {parts}")
     tokens = dict(report.get("tokens", {}))
     text = tokens.pop("text", None)
     for name, s in tokens.items():

@@ -6,12 +6,12 @@
 #
 # Parts, each a benchmark run in its own process with a time limit (seconds on one H100):
 #   train         300m LLM training steps in bf16 through train.engine.fit (Ray Train + DeepSpeed ZeRO-3): MFU against
-#                 the measured bf16 matmul peak and against 989 TFLOP/s, tokens/s, peak GPU memory   (170)
-#   tokenizer     paper MAGVIT-v2 (and SoundStream) encode/decode clips/s and TFLOP/s in bf16        (50)
-#   tokenize_job  the Ray Data tokenize job with tokenizer actors on the GPU: clips/s per GPU         (100)
+#                 the measured bf16 matmul peak and against 989 TFLOP/s, tokens/s, peak GPU memory   (200)
+#   tokenizer     paper MAGVIT-v2 (and SoundStream) encode/decode clips/s and TFLOP/s in bf16        (40)
+#   tokenize_job  the Ray Data tokenize job with tokenizer actors on the GPU: clips/s per GPU         (90)
 #   generate      KV-cached sampling of a 1,280-token video from the 300m LLM in bf16: tokens/s       (50)
-#   superres      a super-resolution block, forward + backward in bf16, windowed vs full attention  (30)
-#   eval          `videopoet eval` with generation and feature actors on the GPU: samples/s          (80)
+#   superres      a super-resolution block, forward + backward in bf16, windowed vs full attention  (25)
+#   eval          `videopoet eval` with generation and feature actors on the GPU: samples/s          (75)
 # The limits add up to 8 minutes. --dry-run runs the same parts on the CPU with debug flavors and tiny sizes (seconds
 # each), so that everything but the CUDA-only branches runs in CI (tests/test_gpu_check.py). --only re-runs some
 # parts. Each part's output goes to OUT/<part>.log (default OUT: runs/gpu_check/<date>T<time>[-dry-run]).
@@ -53,19 +53,19 @@ fi
 
 # name -> "timeout_s|script|arguments" for the GPU, and the dry run's CPU equivalents.
 declare -A CUDA=(
-  [train]="170|train_step.py|--device cuda --flavor 300m --batch 16 --warmup 3 --steps 4 --rounds 1"
-  [tokenizer]="50|tokenizer.py|--device cuda --flavors paper --batch 4 --rounds 3"
-  [tokenize_job]="100|tokenize_job.py|--device cuda --flavor paper --clips 64 --rounds 1"
+  [train]="200|train_step.py|--device cuda --flavor 300m --batch 16 --warmup 3 --steps 4 --rounds 1"
+  [tokenizer]="40|tokenizer.py|--device cuda --flavors paper --batch 4 --rounds 3"
+  [tokenize_job]="90|tokenize_job.py|--device cuda --flavor paper --clips 64 --rounds 1 --warmup-clips 0"
   # SDPA for the uncached baseline, which runs a full forward at each of 1,282 lengths: FlexAttention would compile
   # for new shapes there. The cached path runs SDPA whatever the setting.
   [generate]="50|generate.py|--device cuda --flavor 300m --dtype bfloat16 --rounds 2 --set attention=sdpa"
-  [superres]="30|superres.py|--device cuda --grid 5 16 32 --width 512 --heads 8 --rounds 3"
-  [eval]="80|eval_stage.py|--device cuda --flavor demo --config paper --samples 8 --real 4"
+  [superres]="25|superres.py|--device cuda --grid 5 16 32 --width 512 --heads 8 --rounds 3"
+  [eval]="75|eval_stage.py|--device cuda --flavor demo --config paper --samples 8 --real 4"
 )
 declare -A DRY_RUN=(
   [train]="300|train_step.py|--device cpu --flavor debug --batch 2 --warmup 1 --steps 2 --rounds 1"
   [tokenizer]="120|tokenizer.py|--device cpu --flavors debug --batch 1 --rounds 1 --threads 1"
-  [tokenize_job]="300|tokenize_job.py|--device cpu --flavor debug --clips 4 --rounds 1"
+  [tokenize_job]="300|tokenize_job.py|--device cpu --flavor debug --clips 4 --rounds 1 --warmup-clips 0"
   [generate]="120|generate.py|--device cpu --flavor debug --rounds 1 --latent 2 4 4"
   [superres]="120|superres.py|--device cpu --grid 2 8 16 --width 32 --heads 2 --rounds 1"
   [eval]="300|eval_stage.py|--device cpu --flavor debug --config debug --samples 3 --real 1"
@@ -172,6 +172,7 @@ headline = {
     "superres_windowed_tokens_per_s": figure("superres", "windowed_tokens_per_s"),
     "eval_samples_per_s": figure("eval", "samples_per_s"),
 }
+headline = {name: float(f"{value:.4g}") if isinstance(value, float) else value for name, value in headline.items()}
 ok = all(p["ok"] for p in parts.values())
 result = {"check": "gpu_check", "mode": mode, "date": datetime.date.today().isoformat(), "ok": ok,
           "seconds": seconds, "failed": [name for name, p in parts.items() if not p["ok"]], "headline": headline}

@@ -1,6 +1,6 @@
 """Tokenize throughput: the streaming job against each of its stages alone, on the synthetic corpus.
 
-After a warm-up job on a few clips, each round measures clips per second of
+After a warm-up job on a few clips (`--warmup-clips`), each round measures clips per second of
   job        `TokenizeJob.run` into a fresh OUT: decode actors -> tokenizer actors -> shards written by the driver
   decode     the decode stage alone (same actor pool)
   tokenizer  the tokenizer stages alone (same actor pools) on pre-decoded clips held in the object store
@@ -43,7 +43,6 @@ from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.synth import SynthConfig, write_corpus
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob
 
-WARMUP_CLIPS = 4
 BENCH_INPUTS_PER_SHARD = 4  # small shards: the job's outputs come often enough to time its steady state
 
 
@@ -141,13 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio-tokenizer", help="a trained SoundStream checkpoint (default: random init)")
     parser.add_argument("--no-audio", action="store_true", help="video tokens only")
     parser.add_argument("--rounds", type=int, default=2, help="each measure keeps its best of this many rounds")
+    parser.add_argument("--warmup-clips", type=int, default=4, help="clips of the untimed first job (0: none)")
     parser.add_argument("--work", help="folder for the corpus and outputs (default: a temporary one)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="cuda: fail unless the tokenizer actors get GPUs; cpu: hide the GPUs from Ray; auto: "
                              "GPUs when there are any (default)")
     args = parser.parse_args(argv)
-    if args.clips < 1 or args.rounds < 1:
-        parser.error("--clips and --rounds must be >= 1")
+    if args.clips < 1 or args.rounds < 1 or args.warmup_clips < 0:
+        parser.error("--clips and --rounds must be >= 1, --warmup-clips >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to this process")
     if args.device == "cpu":
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {args.clips} synthetic MP4s (160x128, 24 fps, 2.125 s, AAC) in {time.perf_counter() - began:.1f} s"
           f" -> {corpus}", flush=True)
     lines = (corpus / "manifest.jsonl").read_text().splitlines(True)
-    (work / "warmup.jsonl").write_text("".join(lines[:WARMUP_CLIPS]))
+    (work / "warmup.jsonl").write_text("".join(lines[:args.warmup_clips]))
 
     init_ray()
     import ray
@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("tokenize_job.py --device cuda: the Ray cluster has no GPU")
 
     load_start = os.getloadavg()
-    TokenizeJob(cfg, str(work / "warmup.jsonl"), str(work / "warmup"), video, audio).run()
+    if args.warmup_clips:
+        TokenizeJob(cfg, str(work / "warmup.jsonl"), str(work / "warmup"), video, audio).run()
 
     jobs = [TokenizeJob(cfg, str(corpus / "manifest.jsonl"), str(work / f"out-{i}"), video, audio)
             for i in range(args.rounds)]

@@ -4,18 +4,22 @@
     videopoet generate --checkpoint runs/llm --task image_to_video --image cat.png --then video_to_audio --out b.mp4
     videopoet generate --checkpoint runs/llm --task text_to_video --prompt "..." --extend 3 --out long.mp4
     videopoet generate --checkpoint runs/llm --task text_to_video --prompt "..." --sr runs/sr --out high.mp4
+    videopoet generate --checkpoint runs:/RUN_ID/model --tracking-uri http://127.0.0.1:5000 --task text_to_video \
+        --prompt "a red circle moving left" --out a.mp4
 
 `--then TASK` chains tasks zero-shot: each step's output clip (frames and audio) is the next step's input.
 `--extend N` lengthens the final video N times, each time conditioned on its last second. `--sr RUN` (repeatable,
 lowest resolution first) upsamples the result through each super-resolution stage of `videopoet train sr`: the
 sampled codes of a single clip directly, an extended video or an image clip by clip from its frames. The sampled
-tokens are saved beside the video as `<out>.tokens.npz`.
+tokens are saved beside the video as `<out>.tokens.npz`. Checkpoints given as `runs:/<run_id>/<path>` are fetched
+from MLflow (safetensors and JSON only, as from a folder) into ~/.cache/videopoet/mlflow.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -25,10 +29,16 @@ import numpy as np
 from pipeline.generation import Generated, SamplingConfig, VideoPoet, load_frames, model_dir
 from pipeline.media import MediaError, decode_audio, write_video
 from pipeline.sequence import Task
+from pipeline.tracking import fetch_export
+
+CACHE = Path.home() / ".cache" / "videopoet" / "mlflow"
 
 
 def run(args: argparse.Namespace) -> tuple[Generated, VideoPoet]:
-    poet = VideoPoet.load(model_dir(args.checkpoint), sr=[model_dir(stage) for stage in args.sr],
+    def local(location: str) -> Path:
+        return model_dir(fetch_export(location, args.tracking_uri, CACHE))
+
+    poet = VideoPoet.load(local(args.checkpoint), sr=[local(stage) for stage in args.sr],
                           sr_text_encoder=args.sr_text_encoder)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               guidance=args.guidance, seed=args.seed)
@@ -61,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     tasks = [t.value for t in Task if t != Task.UNCONDITIONAL] + [Task.UNCONDITIONAL.value]
-    parser.add_argument("--checkpoint", required=True, help="run folder of `videopoet train llm` (or its model/)")
+    parser.add_argument("--checkpoint", required=True, help="run folder of `videopoet train llm` (or its model/), or "
+                                                            "the export in MLflow: runs:/<run_id>/model")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""),
+                        help="the MLflow tracking URI of runs:/ checkpoints (default: $MLFLOW_TRACKING_URI)")
     parser.add_argument("--task", required=True, choices=tasks)
     parser.add_argument("--then", action="append", default=[], choices=tasks, help="chain another task on the output")
     parser.add_argument("--prompt", help="the caption (text tasks)")

@@ -7,6 +7,13 @@ worker and `attach` there.
 
 Embedded default: `sqlite:///<run dir>/mlflow.db` with artifacts in `<run dir>/mlartifacts`. SQLite takes one writer
 at a time, so log from the driver or rank 0 only; use a tracking server URI for anything wider.
+
+Experiments are created as model-training experiments (MLflow 3's `mlflow.experimentKind`), so the UI opens on runs
+and charts. Lineage is MLflow dataset inputs (`Run.log_dataset`): a manifest, a tokenization's shards, a tokenizer or
+LLM export, each named, with a digest that identifies its content (ids hash, tokenization fingerprint, weights
+fingerprint), its location, row count and schema, and a context saying what the run did with it (`train`, `val`,
+`produced`, `tokenizer`, ...). Exports are artifacts of their run, tagged with their fingerprint, and load back by
+`runs:/<run_id>/<path>` (`fetch_export`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pipeline.config import to_dict
 from pipeline.storage import redact_values
 
 MAX_PARAM_CHARS = 6000
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's model-training view
 RUN_FILE = "mlflow_run.json"  # in a run folder: the MLflow run (tracking URI and run id) that a re-run continues
 
 
@@ -78,6 +86,16 @@ class Run:
         for i in range(0, len(batch), 1000):
             self._client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
+    def log_dataset(self, dataset: "DatasetRecord", context: str) -> None:
+        """Record `dataset` as an input of this run, used as `context`."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entity = Dataset(name=dataset.name, digest=dataset.digest, source_type=dataset.source_type,
+                         source=json.dumps({"uri": dataset.source}),
+                         schema=json.dumps({"mlflow_colspec": [{"name": n, "type": t} for n, t in dataset.schema]}),
+                         profile=json.dumps({"num_rows": dataset.rows}))
+        self._client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
             self._client.set_tag(self.run_id, key, str(value))
@@ -112,12 +130,28 @@ class Run:
         self.finish("FAILED" if exc_type else "FINISHED")
 
 
+@dataclass(frozen=True)
+class DatasetRecord:
+    """What lineage records of a dataset: its content's digest, location, size and columns."""
+
+    name: str
+    digest: str
+    source: str  # URI or path (credentials redacted)
+    rows: int
+    schema: tuple[tuple[str, str], ...] = ()  # (column, type)
+
+    @property
+    def source_type(self) -> str:
+        return self.source.split("://", 1)[0] if "://" in self.source else "local"
+
+
 class NullRun:
     """The tracker when tracking is off: same interface, records nothing."""
 
     uri = ""
     run_id = ""
 
+    def log_dataset(self, dataset: DatasetRecord, context: str) -> None: ...
     def log_params(self, params: Any, prefix: str = "") -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
@@ -161,9 +195,11 @@ def _experiment_id(uri: str, name: str, artifact_location: str | None) -> str:
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND]))
+    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def start_run(cfg: TrackingConfig, run_dir: str | Path, name: str, params: Mapping[str, Any] | None = None,
@@ -191,3 +227,27 @@ def search_runs(uri: str, experiment: str, filter_string: str = "") -> list[Any]
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     return [] if exp is None else client.search_runs([exp.experiment_id], filter_string)
+
+
+def fetch_export(location: str, tracking_uri: str, cache: str | Path) -> Path:
+    """A local folder of an export: `location` itself, or for `runs:/<run_id>/<path>` the run's artifacts downloaded
+    from `tracking_uri` into `cache` (once; a finished run's artifacts do not change)."""
+    if not location.startswith("runs:/"):
+        return Path(location)
+    import mlflow.artifacts
+
+    if not tracking_uri:
+        raise ValueError(f"{location}: give the MLflow tracking URI it lives in (--tracking-uri or "
+                         "MLFLOW_TRACKING_URI)")
+    run_id, _, path = location.removeprefix("runs:/").partition("/")
+    target = Path(cache) / run_id / path
+    if not target.exists():  # fetched into a fresh folder, then renamed: an interrupted fetch leaves no half export
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            try:
+                fetched = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=tracking_uri,
+                                                              dst_path=tmp)
+            except Exception as e:  # MLflow raises its own, OS and HTTP errors here
+                raise ValueError(f"{location}: cannot fetch it from {tracking_uri}: {e}") from None
+            Path(fetched).rename(target)
+    return target

@@ -92,3 +92,21 @@ def test_super_resolution_of_an_image_and_a_cascade_that_does_not_chain(export):
     assert poet.upsample_frames(image, prompt="a blue square").shape == (1, 64, 64, 3)
     with pytest.raises(ValueError, match=r"takes codes \(5, 4, 4\), but stage .* gives \(5, 8, 8\)"):
         VideoPoet.load(export / "run" / "model", sr=[export / "sr" / "model"] * 2)
+
+
+def test_cli_loads_an_export_from_mlflow(export, tmp_path, monkeypatch, capsys):
+    import apps.generate
+    from pipeline.tracking import TrackingConfig, start_run
+
+    monkeypatch.setattr(apps.generate, "CACHE", tmp_path / "cache")
+    with start_run(TrackingConfig(), tmp_path / "store", "llm") as run:
+        run.log_artifact(export / "run" / "model", "model")
+    args = ["--task", "text_to_image", "--prompt", "a red circle moving left", "--out", str(tmp_path / "a.mp4")]
+    assert main(["--checkpoint", f"runs:/{run.run_id}/model", "--tracking-uri", run.uri, *args]) == 0
+    assert (tmp_path / "cache" / run.run_id / "model" / "model.safetensors").exists()
+    assert (tmp_path / "a.mp4").exists()
+    capsys.readouterr()
+    assert main(["--checkpoint", "runs:/0123456789abcdef/model", "--tracking-uri", run.uri, *args]) == 2
+    assert "runs:/0123456789abcdef/model: cannot fetch it from" in capsys.readouterr().err
+    assert main(["--checkpoint", f"runs:/{run.run_id}/model", "--tracking-uri", "", *args]) == 2
+    assert "give the MLflow tracking URI" in capsys.readouterr().err

@@ -4,8 +4,10 @@ with an exact resume and MLflow metrics per task."""
 import json
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint, read_metadata
+from pipeline.shards import open_shards
 from pipeline.tracking import search_runs
 from train.cli import main
 
@@ -13,6 +15,7 @@ pytestmark = pytest.mark.heavy
 
 
 def test_llm_trains_resumes_exactly_and_exports(shards, trained_straight_and_resumed):
+    shards_dir = shards
     resumed = trained_straight_and_resumed(main, [
         "llm", "--config", "debug", "--data", str(shards), "--workers", "2",
         "--set", "mixture.weights={text_to_video = 1.0, video_to_audio = 1.0, future_prediction = 1.0}"])
@@ -27,11 +30,21 @@ def test_llm_trains_resumes_exactly_and_exports(shards, trained_straight_and_res
     assert {"loss", "lr", "tokens_per_s", "mfu", "padding", "val_loss"} <= set(metrics)
     assert any(k.startswith("loss/") for k in metrics) and any(k.startswith("val_loss/") for k in metrics)
     assert 0 < metrics["mfu"] < 1
+    assert metrics["system/node0/cpu_utilization_percentage"] >= 0  # both workers' node, sampled by one of them
+
+    # Lineage: the shards it trained on (by fingerprint) and the tokenizers that wrote them, as dataset inputs.
+    uri = f"sqlite:///{resumed / 'mlflow.db'}"
+    found = MlflowClient(uri).get_run(run.info.run_id).inputs.dataset_inputs
+    inputs = {(d.tags[0].value, d.dataset.digest) for d in found}
+    shards = open_shards(str(shards_dir))
+    assert {("train", shards.fingerprint), ("val", shards.fingerprint)} <= inputs
+    assert {(f"{role}_tokenizer", t["fingerprint"]) for role, t in shards.meta.tokenizers.items() if t} <= inputs
+    assert run.data.tags["videopoet.model_fingerprint"] == summary["fingerprint"]
+    experiment = MlflowClient(uri).get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def first_losses(out):
-    from mlflow.tracking import MlflowClient
-
     uri = f"sqlite:///{out / 'mlflow.db'}"
     (run,) = search_runs(uri, "videopoet")
     history = MlflowClient(uri).get_metric_history(run.info.run_id, "loss")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.lineage import shards_record, tokenizer_records
 from pipeline.shards import ShardSet
 
 VAL_SPLIT = "val"
@@ -34,3 +35,11 @@ def shard_columns(shard, columns: list[str], rank: int = 0, world_size: int = 1)
             found[c] += batch.column(c).to_pylist()
     order = np.argsort(np.array(found["clip_id"], dtype=object).astype(str))[rank::world_size]
     return {c: [found[c][i] for i in order] for c in columns}
+
+
+def log_lineage(run: Any, shards: ShardSet, location: str, train_rows: int, val_rows: int) -> None:
+    """The shards a run trains on (train and val splits) and the tokenizers that wrote them, as MLflow inputs."""
+    run.log_dataset(shards_record(shards, location, train_rows), "train")
+    run.log_dataset(shards_record(shards, location, val_rows), "val")
+    for role, record in tokenizer_records(shards).items():
+        run.log_dataset(record, f"{role}_tokenizer")

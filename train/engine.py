@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.checkpoint import read_metadata
 from pipeline.config import from_dict, load_config, to_dict
 from pipeline.storage import exclusive, is_uri, owner_record, redact_values, resolve_filesystem, save_text
 from pipeline.tracking import RUN_FILE, NullRun, attach, start_run
@@ -72,12 +73,15 @@ class TrainConfig:
     use_gpu: bool = False
     max_failures: int = 0  # worker-group restarts from the last checkpoint before the run fails
     progress: bool = True  # rank 0 prints a progress line every `log_every` steps
+    system_metrics_s: float = 10.0  # sampling period of every node's CPU, memory and GPU metrics (0: off)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                      "workers", "cpus_per_worker"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.system_metrics_s < 0:
+            raise ValueError(f"train.system_metrics_s must be >= 0 (0: off), got {self.system_metrics_s!r}")
         for name in ("warmup_steps", "max_failures", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -326,6 +330,11 @@ def _duration(seconds: float) -> str:
 
 def worker_loop(config: dict[str, Any]) -> None:
     """The body of every Ray Train worker: build the recipe and its engines, resume, train, checkpoint."""
+    import ray.train
+
+    from train.telemetry import NodeSampler
+    from train.telemetry import gather as gather_system_metrics
+
     train = from_dict(TrainConfig, config["train"])
     ds = from_dict(DeepSpeedConfig, config["deepspeed"])
     rank, world_size = world()
@@ -343,6 +352,9 @@ def worker_loop(config: dict[str, Any]) -> None:
         recipe.restore(state)
 
     progress = _Progress(config["name"], start, train.steps)
+    context = ray.train.get_context()
+    sampler = (NodeSampler(train.system_metrics_s)
+               if train.system_metrics_s and context.get_local_rank() == 0 else None)
     sums: dict[str, float] = {}
     window_began = time.perf_counter()
     accumulation = ds.gradient_accumulation_steps
@@ -362,6 +374,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         metrics: dict[str, float] = {}
         if done % train.log_every == 0 or last:
             metrics = {**recipe.metrics(all_reduce_mean(sums), time.perf_counter() - window_began), "lr": lr}
+            if train.system_metrics_s:
+                metrics.update(gather_system_metrics(sampler, context.get_node_rank()))
             sums, window_began = {}, time.perf_counter()
         if done % train.eval_every == 0 or last:
             for engine in engines.values():
@@ -375,6 +389,8 @@ def worker_loop(config: dict[str, Any]) -> None:
                 print(progress.line(done, metrics), flush=True)
         if done % train.checkpoint_every == 0 or last:
             report_checkpoint(engines, done, metrics, recipe.state(), final=last)
+    if sampler is not None:
+        sampler.close()
     if start < train.steps:
         recipe.finish(engines)
 
@@ -456,6 +472,15 @@ def write_summary(out: Path, run: Any, summary: dict[str, Any]) -> None:
     path = out / "summary.json"
     save_text(path, json.dumps(redact_values(summary), indent=2) + "\n")
     run.log_artifact(path)
+
+
+def log_export(run: Any, export: Path, artifact_path: str) -> str:
+    """The export as an artifact of its run (loadable as `runs:/<run_id>/<artifact_path>`), its fingerprint as a
+    tag; returns the fingerprint."""
+    fingerprint = read_metadata(export)["fingerprint"]
+    run.log_artifact(export, artifact_path)
+    run.set_tags({f"videopoet.{artifact_path}_fingerprint": fingerprint})
+    return fingerprint
 
 
 def result_metrics(result) -> dict[str, float]:

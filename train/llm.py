@@ -27,17 +27,18 @@ import torch
 
 from pipeline.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from pipeline.config import ConfigError, from_dict, identity_json, to_dict
+from pipeline.lineage import export_record
 from pipeline.llm import LLMConfig, VideoPoetLM
 from pipeline.shards import ShardError, ShardSet, open_shards
 from pipeline.storage import save_text
 from pipeline.text import WORDS_FILE, TextConfig, WordVocabulary, load_text_conditioner, stack_embeddings
 from pipeline.tracking import TrackingConfig
 from pipeline.vocab import Vocabulary
-from train.data import shard_columns, split_datasets
+from train.data import log_lineage, shard_columns, split_datasets
 from pipeline.storage import Busy
-from train.engine import (claim, DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments,
-                          all_reduce_mean, app_config, final_weights, fit, open_run, result_metrics, write_run_config,
-                          write_summary)
+from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, all_reduce_mean,
+                          app_config, claim, final_weights, fit, log_export, open_run, result_metrics,
+                          write_run_config, write_summary)
 from train.flops import matmul_peak_flops, transformer_flops_per_token
 from train.mixture import Mixture, MixtureConfig, Row, check_inputs, collate, rows_from_table
 
@@ -215,7 +216,10 @@ def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, paren
                             "shards_fingerprint": shards.fingerprint})
             if origin:
                 run.set_tags(origin)
-            run.log_metrics({"train_clips": train_ds.count(), "val_clips": val_ds.count()})
+                run.log_dataset(export_record(app.init), "init")
+            train_rows, val_rows = train_ds.count(), val_ds.count()
+            run.log_metrics({"train_clips": train_rows, "val_clips": val_rows})
+            log_lineage(run, shards, str(data), train_rows, val_rows)
             result = fit("llm", LLMRecipe, app, out, run, {"train": train_ds, "val": val_ds},
                          model=to_dict(model_cfg), data=str(data), mean_length=float(np.mean(lengths)) + 16,
                          words=words_path.read_text() if app.text.kind == "words" else "")
@@ -227,8 +231,8 @@ def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, paren
                                             "media": shards.meta.settings, "text": to_dict(app.text), **origin})
             if app.text.kind == "words":
                 save_text(export / WORDS_FILE, words_path.read_text())
-            run.log_artifact(export, "model")
-            summary = {"steps": step, "model": str(export), "fingerprint": read_metadata(export)["fingerprint"],
+            fingerprint = log_export(run, export, "model")
+            summary = {"steps": step, "model": str(export), "fingerprint": fingerprint,
                        "metrics": result_metrics(result), "seconds": time.perf_counter() - began}
             write_summary(out, run, summary)
         return summary

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoint import read_metadata, save_checkpoint
+from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.generation import text_inputs
 from pipeline.shards import ShardError, ShardSet, open_shards
@@ -39,11 +39,11 @@ from pipeline.superres import SuperResConfig, SuperResTransformer
 from pipeline.storage import save_text
 from pipeline.text import WORDS_FILE, TextConditioner, TextConfig, WordVocabulary, load_text_conditioner
 from pipeline.tracking import TrackingConfig
-from train.data import shard_columns, split_datasets
+from train.data import log_lineage, shard_columns, split_datasets
 from pipeline.storage import Busy
-from train.engine import (claim, DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments,
-                          all_reduce_mean, app_config, final_weights, fit, open_run, result_metrics, write_run_config,
-                          write_summary)
+from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, all_reduce_mean,
+                          app_config, claim, final_weights, fit, log_export, open_run, result_metrics,
+                          write_run_config, write_summary)
 
 TOKEN_COLUMNS = ["clip_id", "caption", "split", "video_tokens", "video_shape", "hr_video_tokens", "hr_video_shape"]
 STATS = ("loss", "accuracy", "factor_accuracy")
@@ -212,7 +212,9 @@ def train_sr(app: SRTrainConfig, data: str | list[str], out: str | Path, parent=
             with torch.device("meta"):
                 parameters = sum(p.numel() for p in SuperResTransformer(app.model).parameters())
             run.log_params({"parameters": parameters, "shards_fingerprint": shards.fingerprint})
-            run.log_metrics({"train_clips": train_ds.count(), "val_clips": val_ds.count()})
+            train_rows, val_rows = train_ds.count(), val_ds.count()
+            run.log_metrics({"train_clips": train_rows, "val_clips": val_rows})
+            log_lineage(run, shards, str(data), train_rows, val_rows)
             result = fit("superres", SRRecipe, app, out, run, {"train": train_ds, "val": val_ds},
                          data=str(data), words=words)
             weights, step = final_weights(result)
@@ -223,8 +225,8 @@ def train_sr(app: SRTrainConfig, data: str | list[str], out: str | Path, parent=
                                             "media": shards.meta.settings, "text": to_dict(app.text)})
             if words:
                 save_text(export / WORDS_FILE, words)
-            run.log_artifact(export, "model")
-            summary = {"steps": step, "model": str(export), "fingerprint": read_metadata(export)["fingerprint"],
+            fingerprint = log_export(run, export, "model")
+            summary = {"steps": step, "model": str(export), "fingerprint": fingerprint,
                        "parameters": parameters, "metrics": result_metrics(result),
                        "seconds": time.perf_counter() - began}
             write_summary(out, run, summary)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -37,6 +38,7 @@ from pipeline.adversarial import (PerceptualLoss, STFTDiscriminator, STFTDiscrim
                                   VideoDiscriminatorConfig, load_perceptual_network)
 from pipeline.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from pipeline.config import ConfigError, from_dict, to_dict
+from pipeline.lineage import export_record, manifest_record
 from pipeline.magvit import MagvitConfig, MagvitModel, inflate_from_image, tensor_to_video, video_to_tensor
 from pipeline.manifest import ManifestError, read_manifest
 from pipeline.media import MediaConfig
@@ -44,8 +46,8 @@ from pipeline.metrics import codebook_usage, psnr, sharpness, si_snr, ssim
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.tracking import TrackingConfig
 from pipeline.storage import Busy
-from train.engine import (claim, DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, app_config,
-                          final_weights, fit, open_run, result_metrics, write_run_config, write_summary)
+from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, app_config, claim,
+                          final_weights, fit, log_export, open_run, result_metrics, write_run_config, write_summary)
 
 
 def _data_parallel() -> DeepSpeedConfig:
@@ -286,13 +288,12 @@ MODALITIES: dict[str, Any] = {"video": VideoModality, "audio": AudioModality}
 
 # ---------------------------------------------------------------------------------------------------- data
 
-def clip_datasets(manifest: str, media: MediaConfig, val_clips: int):
-    """(train, val, failed sources): Ray datasets of decoded clips, held out by the manifest's `val` split."""
+def clip_datasets(table: pa.Table, media: MediaConfig, val_clips: int):
+    """(train, val, failed sources): Ray datasets of a manifest's decoded clips, held out by its `val` split."""
     import ray
 
     from tokenize_jobs.decode import DecodeClips
 
-    table = read_manifest(manifest)
     decoded = ray.data.from_arrow(table).map_batches(
         DecodeClips, fn_constructor_args=(media,), batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2)).materialize()
@@ -482,11 +483,14 @@ def train_tokenizer(modality_name: str, app: Any, manifest: str, out: str | Path
         run = open_run(app, out, name, parent)
         began = time.perf_counter()
         with run:
-            train_ds, val_ds, failed = clip_datasets(manifest, app.media, app.val_clips)
+            table = read_manifest(manifest)
+            train_ds, val_ds, failed = clip_datasets(table, app.media, app.val_clips)
             run.log_metrics({"train_clips": train_ds.count(), "val_clips": val_ds.count(),
                              "failed_inputs": len(failed)})
+            run.log_dataset(manifest_record(manifest, table), "train")
             if origin:
                 run.set_tags(origin)
+                run.log_dataset(export_record(app.init_image), "init")
             result = fit(name, TokenizerRecipe, app, out, run, {"train": train_ds, "val": val_ds},
                          modality=modality_name, manifest=str(manifest))
             weights, step = final_weights(result)
@@ -494,8 +498,8 @@ def train_tokenizer(modality_name: str, app: Any, manifest: str, out: str | Path
             model.load_state_dict(weights)
             extra = {"steps": step, "manifest": str(manifest), "mode": getattr(app, "mode", "video"), **origin}
             export = save_checkpoint(out / "tokenizer", model, app.model, extra=extra)
-            run.log_artifact(export, "tokenizer")
-            summary = {"modality": modality_name, "steps": step, "fingerprint": model.fingerprint(),
+            fingerprint = log_export(run, export, "tokenizer")
+            summary = {"modality": modality_name, "steps": step, "fingerprint": fingerprint,
                        "tokenizer": str(export), "failed_inputs": failed, "metrics": result_metrics(result),
                        "seconds": time.perf_counter() - began}
             write_summary(out, run, summary)

@@ -484,6 +484,30 @@ def test_a_grown_manifest_tokenizes_only_its_new_inputs_exactly_once_through_a_s
 
 
 @pytest.mark.heavy
+def test_a_node_lost_mid_run_changes_no_clip(tokenized, corpus, tokenizers, tmp_path):
+    """`benchmarks/multinode.py`: a 0-CPU head and two 1-CPU worker nodes; once the first shard is written, the node
+    running the video tokenizer is removed without warning and a fresh one joins. The job finishes by itself (or a
+    re-run does), and its shards equal the uninterrupted single-node run's, clip for clip."""
+    out = tmp_path / "out"
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "multinode.py"),
+               "--manifest", str(corpus), "--out", str(out), "--video-tokenizer", str(tokenizers / "video"),
+               "--audio-tokenizer", str(tokenizers / "audio"), "--scenario", "replace", "--workers", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=1200)
+    log = out.parent / "out.log"
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:] + log.read_text()[-3000:]
+    outcome = json.loads(result.stdout.splitlines()[-1])
+    print("multi-node:", outcome)
+    assert outcome["shards_at_removal"] < 6, "the node was removed after the job had finished"
+    reference = only_fingerprint(tokenized)
+    folder = out / reference.name
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for path in sorted(reference.iterdir()):
+        assert pq.read_table(folder / path.name).equals(pq.read_table(path)), path.name
+    job = json.loads((out / JOBS_DIR / folder.name / "job.json").read_text())
+    assert job["status"] == "done" and job["clips"] == 12 and job["inputs_failed"] == 0
+
+
+@pytest.mark.heavy
 def test_s3_input_and_output(tokenized, corpus, tokenizers, tmp_path, monkeypatch):
     from moto.server import ThreadedMotoServer
 

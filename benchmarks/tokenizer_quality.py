@@ -25,7 +25,7 @@ from pipeline.config import from_dict
 from pipeline.magvit import tensor_to_video, video_to_tensor
 from pipeline.media import MediaConfig, decode, decode_audio
 from pipeline.metrics import psnr, si_snr, ssim
-from train.engine import RUN_CONFIG_FILE
+from train.runs import RUN_CONFIG_FILE
 
 
 def media_files(paths: list[str]) -> list[Path]:

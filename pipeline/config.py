@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# (kind, flavor) -> the flavor file it names: the paper's LLM flavor is its 1B model
-ALIASES = {("llm", "paper"): "1b"}
+# (kind, flavor) -> the flavor file it names: the paper's LLM flavor is its 1B model, and each of the paper's model
+# sizes trains with the paper's (cluster) settings
+ALIASES = {("llm", "paper"): "1b", **{("train_llm", size): "paper" for size in ("300m", "1b", "8b")}}
 
 # Metadata of fields that change how a model runs (attention kernel, compilation), not what it computes: checkpoint
 # fingerprints leave them out (`identity_json`), so a checkpoint keeps its identity when they change.

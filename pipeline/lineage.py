@@ -31,10 +31,12 @@ def manifest_record(location: str, table: pa.Table) -> DatasetRecord:
                          _schema(table.schema))
 
 
-def shards_record(shards: ShardSet, location: str, rows: int | None = None) -> DatasetRecord:
-    """A tokenization's shards (or the `rows` of them a run used, such as its train split)."""
-    return DatasetRecord(f"shards-{shards.fingerprint}", shards.fingerprint, redact(str(location)),
-                         shards.clips if rows is None else rows, _schema(shards.dataset().schema))
+def shards_record(shards: ShardSet, location: str, split: str | None = None, rows: int | None = None) -> DatasetRecord:
+    """A tokenization's shards, or the `rows` of them in one `split` of a run. The split is part of the name: MLflow
+    keeps one input per (name, digest), and a run's train and val splits share the shards' digest."""
+    name = f"shards-{shards.fingerprint}" + (f"-{split}" if split else "")
+    return DatasetRecord(name, shards.fingerprint, redact(str(location)), shards.clips if rows is None else rows,
+                         _schema(shards.dataset().schema))
 
 
 def export_record(location: str | Path) -> DatasetRecord:

@@ -38,6 +38,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from pipeline.checkpoint import fingerprint
+from pipeline.metrics import psnr
 from pipeline.quantizers import LFQ, LFQConfig, Quantized, bits_to_codes
 
 
@@ -53,11 +54,6 @@ def tensor_to_video(x: Tensor) -> Tensor:
     """Float (B, 3, T, H, W) in [-1, 1] -> uint8 frames (B, T, H, W, 3), clamping."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return rearrange(x, "b c t h w -> b t h w c")
-
-
-def psnr(x: Tensor, y: Tensor) -> Tensor:
-    """PSNR in dB between tensors in [-1, 1] (peak-to-peak 2), over all elements."""
-    return 10 * torch.log10(4 / F.mse_loss(x.float(), y.float()).clamp_min(1e-12))
 
 
 def expand_latent(q: Tensor, size: tuple[int, int, int]) -> Tensor:
@@ -355,7 +351,7 @@ class MagvitModel(nn.Module):
         else:
             recon = F.mse_loss(out.reconstruction, x)
         total = self.config.recon_weight * recon + out.quantized.loss
-        terms = {"recon": recon.detach(), "psnr": psnr(out.reconstruction.detach(), x),
+        terms = {"recon": recon.detach(), "psnr": psnr(x, out.reconstruction.detach(), peak=2.0),
                  **{f"lfq_{k}": v for k, v in out.quantized.terms.items()}}
         return total, terms
 

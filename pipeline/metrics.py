@@ -1,4 +1,7 @@
-"""Reconstruction quality and codebook statistics for the tokenizers (numpy, float64).
+"""Reconstruction quality and codebook statistics for the tokenizers. Every metric takes (reference, estimate).
+
+PSNR and SI-SNR take numpy arrays (computed in float64, a Python float back) or torch tensors (computed in float32
+on their device, a 0-d tensor back, so that a training step logs them without a host sync).
 
 Conventions, stated because implementations differ: PSNR over uint8 pixels (peak 255) of whole clips; SSIM per
 frame with an 11-tap Gaussian window (sigma 1.5), population covariances and the standard constants K1 = 0.01,
@@ -10,11 +13,16 @@ ratio of mean spatial gradient magnitudes, estimate over reference.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.ndimage import gaussian_filter
 
 
-def psnr(reference: np.ndarray, estimate: np.ndarray, peak: float = 255.0) -> float:
-    """PSNR in dB over all pixels of uint8 (or [0, peak] float) arrays of the same shape."""
+def psnr(reference: np.ndarray | torch.Tensor, estimate: np.ndarray | torch.Tensor, peak: float = 255.0):
+    """PSNR in dB over all pixels of uint8 (or [0, peak] float) arrays of the same shape; tensors in [-1, 1] take
+    `peak=2`. Identical numpy inputs give inf; tensors clamp the error at 1e-12."""
+    if isinstance(reference, torch.Tensor):
+        mse = torch.nn.functional.mse_loss(estimate.float(), reference.float())
+        return 10 * torch.log10(peak**2 / mse.clamp_min(1e-12))
     reference, estimate = _same_shape(reference, estimate, "psnr")
     mse = np.mean((reference - estimate) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
@@ -41,8 +49,15 @@ def ssim(reference: np.ndarray, estimate: np.ndarray, peak: float = 255.0) -> fl
     return float(s[..., pad:-pad, pad:-pad, :].mean())
 
 
-def si_snr(reference: np.ndarray, estimate: np.ndarray, eps: float = 1e-12) -> float:
+def si_snr(reference: np.ndarray | torch.Tensor, estimate: np.ndarray | torch.Tensor, eps: float = 1e-12):
     """Scale-invariant SNR in dB of (..., samples) signals, averaged over leading axes."""
+    if isinstance(reference, torch.Tensor):
+        reference = reference.float() - reference.float().mean(-1, keepdim=True)
+        estimate = estimate.float() - estimate.float().mean(-1, keepdim=True)
+        scale = (estimate * reference).sum(-1, keepdim=True) / (reference.pow(2).sum(-1, keepdim=True) + eps)
+        target = scale * reference
+        noise = estimate - target
+        return (10 * torch.log10((target.pow(2).sum(-1) + eps) / (noise.pow(2).sum(-1) + eps))).mean()
     reference, estimate = _same_shape(reference, estimate, "si_snr")
     reference = reference - reference.mean(axis=-1, keepdims=True)
     estimate = estimate - estimate.mean(axis=-1, keepdims=True)

@@ -34,6 +34,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from pipeline.checkpoint import fingerprint
+from pipeline.metrics import si_snr
 from pipeline.quantizers import Quantized, ResidualVQ, RVQConfig
 
 
@@ -44,16 +45,6 @@ PREEMPHASIS = 0.95
 def preemphasis(x: Tensor) -> Tensor:
     """x[n] - 0.95 x[n-1] of (B, samples): a first difference, whose gain grows about linearly with frequency."""
     return x[:, 1:] - PREEMPHASIS * x[:, :-1]
-
-
-def si_snr(estimate: Tensor, reference: Tensor) -> Tensor:
-    """Scale-invariant signal-to-noise ratio in dB of (B, samples) signals, averaged over the batch."""
-    estimate = estimate.float() - estimate.float().mean(-1, keepdim=True)
-    reference = reference.float() - reference.float().mean(-1, keepdim=True)
-    scale = (estimate * reference).sum(-1, keepdim=True) / reference.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
-    target = scale * reference
-    noise = estimate - target
-    return (10 * torch.log10(target.pow(2).sum(-1).clamp_min(1e-12) / noise.pow(2).sum(-1).clamp_min(1e-12))).mean()
 
 
 def hz_to_mel(f: Tensor) -> Tensor:
@@ -284,7 +275,7 @@ class SoundStreamModel(nn.Module):
         total = (self.config.waveform_weight * waveform + self.config.spectral_weight * spectral
                  + self.config.preemphasis_weight * emphasized + out.quantized.loss)
         terms = {"waveform": waveform.detach(), "spectral": spectral.detach(), "preemphasis": emphasized.detach(),
-                 "si_snr": si_snr(out.reconstruction.detach(), x),
+                 "si_snr": si_snr(x, out.reconstruction.detach()),
                  **{f"rvq_{k}": v for k, v in out.quantized.terms.items()}}
         return total, terms
 

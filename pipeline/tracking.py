@@ -202,16 +202,20 @@ def _experiment_id(uri: str, name: str, artifact_location: str | None) -> str:
     return experiment.experiment_id
 
 
-def start_run(cfg: TrackingConfig, run_dir: str | Path, name: str, params: Mapping[str, Any] | None = None,
+def start_run(cfg: TrackingConfig, run_dir: str | Path | None, name: str, params: Mapping[str, Any] | None = None,
               parent_run_id: str | None = None) -> Run | NullRun:
-    """Open the parent run of a pipeline run (or, with `parent_run_id`, a run nested under an existing one)."""
+    """Open the parent run of a pipeline run (or, with `parent_run_id`, a run nested under an existing one). The
+    embedded store lives in `run_dir`; with `cfg.uri` the run folder may be None (say, an object-store URI)."""
     if not cfg.enabled:
         return NullRun()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.uri and run_dir is None:
+        raise ValueError("tracking: the embedded MLflow store needs a local run folder; set tracking.uri")
+    artifacts = None
+    if not cfg.uri:  # only the embedded store gets its artifacts beside it; a server decides its own artifact root
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        artifacts = (run_dir.resolve() / "mlartifacts").as_uri()
     uri = cfg.uri or default_uri(run_dir)
-    # Only the embedded store gets its artifacts beside it; a server decides its own artifact root.
-    artifacts = (run_dir.resolve() / "mlartifacts").as_uri() if not cfg.uri else None
     experiment_id = _experiment_id(uri, cfg.experiment, artifacts)
     return _create_run(uri, experiment_id, name, params, parent_run_id)
 

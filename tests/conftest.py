@@ -15,6 +15,33 @@ def ray_local():
 
 
 @pytest.fixture
+def s3_env():
+    """An S3 server on 127.0.0.1 (moto) with a bucket named `bucket`, and the environment a user would set to reach
+    it (for a subprocess, or the `s3` fixture for this one)."""
+    import pyarrow.fs as pa_fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{server._server.server_port}"}
+    pa_fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL_S3"], access_key="testing", secret_key="testing",
+                       region="us-east-1", allow_bucket_creation=True).create_dir("bucket")
+    yield env
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_env, monkeypatch):
+    """The `s3_env` server with its environment set in this process; a filesystem on it."""
+    import pyarrow.fs as pa_fs
+
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    return pa_fs.S3FileSystem(endpoint_override=s3_env["AWS_ENDPOINT_URL_S3"], allow_bucket_creation=True)
+
+
+@pytest.fixture
 def trained_straight_and_resumed(tmp_path):
     """`run(main, argv)`: trains to step 4 straight and to step 2 then resumed to 4 (into OUT/straight and
     OUT/resumed), checks that both exports hold the same weights, and returns the resumed run's folder."""

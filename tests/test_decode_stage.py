@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.manifest import read_manifest
 from pipeline.media import MediaConfig
-from tokenize_jobs.decode import CLIP_COLUMNS, ROWS_PER_BATCH, DecodeClips
+from pipeline.decode import CLIP_COLUMNS, ROWS_PER_BATCH, DecodeClips
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real" / "captions.jsonl"
 CFG = MediaConfig(height=32, width=32, max_clips=2)

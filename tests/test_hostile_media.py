@@ -37,7 +37,7 @@ from pipeline.shards import JOBS_DIR, open_shards
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.storage import exclusive, owner_record
 from pipeline.synth import SynthConfig, write_corpus
-from tokenize_jobs.decode import DecodeClips
+from pipeline.decode import DecodeClips
 from tokenize_jobs.job import TokenizeConfig, main as tokenize
 
 DEBUG = load_config(TokenizeConfig, "debug", kind="tokenize").media

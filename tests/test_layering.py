@@ -4,7 +4,7 @@
     cluster/        the shared Ray helpers: the library and ray, nothing of the apps
     tokenize_jobs/  Ray Data jobs: never train/, eval/ or apps/
     eval/           evaluation: never train/, tokenize_jobs/ or apps/
-    train/          the training engine and apps: never eval/ or apps/; deepspeed only here
+    train/          the training engine and apps: never tokenize_jobs/, eval/ or apps/; deepspeed only here
     apps/           the demo and generation: anything
 
 and the library's shard reader works where ray, deepspeed and mlflow are not installed.
@@ -24,7 +24,7 @@ FORBIDDEN = {
     "cluster": {"deepspeed", "mlflow", "tokenize_jobs", "eval", "train", "apps"},
     "tokenize_jobs": {"deepspeed", "eval", "train", "apps"},
     "eval": {"deepspeed", "tokenize_jobs", "train", "apps"},
-    "train": {"eval", "apps"},
+    "train": {"tokenize_jobs", "eval", "apps"},
     "apps": {"deepspeed"},
 }
 ALLOWED = {("pipeline/tracking.py", "mlflow")}

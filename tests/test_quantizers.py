@@ -101,6 +101,7 @@ def clustered(n: int, dim: int, centers: int, seed: int = 0) -> torch.Tensor:
     return means[torch.randint(centers, (n,), generator=g)] + torch.randn(n, dim, generator=g) * 0.5
 
 
+@pytest.mark.threshold
 def test_rvq_residual_property():
     torch.manual_seed(0)
     x = clustered(512, 8, 6)
@@ -127,6 +128,7 @@ def test_rvq_straight_through_and_commitment():
     assert out.loss.requires_grad and float(out.loss.detach()) == pytest.approx(0.5 * float(out.terms["commitment"]))
 
 
+@pytest.mark.threshold
 def test_kmeans_finds_clusters():
     torch.manual_seed(0)
     x = clustered(300, 2, 3)
@@ -134,7 +136,9 @@ def test_kmeans_finds_clusters():
     assign = torch.cdist(x, centroids).argmin(-1)
     assert torch.equal(counts, torch.bincount(assign, minlength=3)) and int(counts.sum()) == 300
     distortion = float((x - centroids[assign]).pow(2).sum(-1).mean())
-    assert distortion < 2 * 2 * 0.5**2  # about the within-cluster variance (2 dims x 0.25)
+    # About the within-cluster variance (2 dims x 0.25): 0.53 here, on 1/2/4 threads, AVX-512 and AVX2 (random
+    # starts can merge two clusters: 0.44-1.26 over seeds 0-7).
+    assert distortion < 2 * 2 * 0.5**2
 
 
 def test_ema_update_matches_formula():
@@ -177,6 +181,7 @@ def test_dead_codes_restart_from_batch():
     assert used_after > 1
 
 
+@pytest.mark.threshold
 def test_first_training_batch_initializes_codebook():
     torch.manual_seed(0)
     rvq = ResidualVQ(RVQConfig(levels=1, codebook_size=4, kmeans_iters=10, dead_code_threshold=0.0), dim=2)
@@ -186,7 +191,10 @@ def test_first_training_batch_initializes_codebook():
     assert bool(rvq.codebooks[0].initialized)
     assert float(rvq.codebooks[0].cluster_size.sum()) == pytest.approx(200)  # k-means counts, then one EMA step
     rvq.eval()
-    assert float((x - rvq(x).latent).pow(2).sum(-1).mean()) < 1.0
+    # Against the one-code baseline (the mean): k-means from random starts leaves 3.5-13% of the variance over seeds
+    # 0-11 (13% here, 0.98 absolute, which used to be the bar at 1.0), random batch vectors 16-160%.
+    variance = float((x - x.mean(0)).pow(2).sum(-1).mean())
+    assert float((x - rvq(x).latent).pow(2).sum(-1).mean()) < 0.2 * variance
 
 
 def test_rvq_bad_input():

@@ -78,24 +78,6 @@ def test_a_second_holder_is_refused_with_the_first_ones_name(tmp_path):
         pass
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """An S3 server on 127.0.0.1 (moto), its endpoint and credentials in the environment as a user would set them."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = f"127.0.0.1:{server._server.server_port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                       "AWS_ENDPOINT_URL_S3": f"http://{endpoint}"}.items():
-        monkeypatch.setenv(key, value)
-    fs = pa_fs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True)
-    fs.create_dir("bucket")
-    yield fs
-    server.stop()
-
-
 def test_a_failed_upload_publishes_nothing(s3):
     table = pa.table({"x": list(range(10000))})
     size = write_table(s3, "bucket/t/shard-00000.parquet", table)

@@ -222,6 +222,7 @@ def test_debug_forward_backward_is_fast():
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.threshold
 def test_debug_model_learns_a_batch():
     model = debug_model().train()
     hr, lr, text = random_inputs(model.config)
@@ -231,10 +232,12 @@ def test_debug_model_learns_a_batch():
 
     before = held_out_loss()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(40):
+    for step in range(80):
         opt.zero_grad()
         model.loss(hr, lr, text, generator=torch.Generator().manual_seed(step))[0].backward()
         opt.step()
+    # Over seeds 0-5, 1/2/4 threads, AVX-512 and AVX2 the ratio is 0.36-0.58 after 40 steps (0.575 at this seed: no
+    # margin) and 0.15-0.41 after 80.
     assert held_out_loss() < 0.6 * before
 
 

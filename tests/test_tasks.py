@@ -45,6 +45,7 @@ def overfit(sequence, steps: int = 300) -> VideoPoetLM:
     return model.eval()
 
 
+@pytest.mark.threshold  # exact recall needs the loss near 0 after 300 steps, on 1 thread as on many
 @pytest.mark.parametrize("task", list(Task), ids=lambda t: t.value)
 def test_task_is_learnt_and_generated_back_exactly(task):
     words = WordVocabulary.build([CAPTION], max_size=DEBUG.vocab.text_size)

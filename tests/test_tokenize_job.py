@@ -273,6 +273,62 @@ def test_bad_arguments_are_named(tokenizers, corpus, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(job_args(corpus, tmp_path / "out", tokenizers, "--max-error-fraction", "2")) == 2
     assert "max_error_fraction must lie in [0, 1]" in capsys.readouterr().err
+    assert main(job_args(corpus, tmp_path / "out", tokenizers, "--set", "plan_memory_mb=8")) == 2
+    assert "plan_memory_mb must be >= 16" in capsys.readouterr().err
+    assert main(job_args(corpus, tmp_path / "out", tokenizers, "--set", "record_flush_s=-1")) == 2
+    assert "record_flush_s must be >= 0" in capsys.readouterr().err
+    # An OUT that an earlier version of the job started (one JSON record per shard) is not resumed.
+    fingerprint = TokenizeJob(CFG, str(corpus), str(tmp_path / "old"), str(tokenizers / "video"),
+                              str(tokenizers / "audio")).fingerprint
+    (tmp_path / "old" / "_jobs" / fingerprint).mkdir(parents=True)
+    (tmp_path / "old" / "_jobs" / fingerprint / "job.json").write_text("{}")
+    assert main(job_args(corpus, tmp_path / "old", tokenizers)) == 2
+    assert f"{fingerprint} was started by an earlier version of the tokenize job" in capsys.readouterr().err
+
+
+def test_records_are_batched_checked_by_size_and_compacted(tokenizers, tmp_path, monkeypatch):
+    """Without Ray: records written together, a record's shard done only while its file has the recorded size, a
+    later record of a shard replacing an earlier one, and `finish` compacting every record file into one."""
+    from tokenize_jobs import job as job_mod
+    from tokenize_jobs.job import RecordLog, read_records, record_files
+    from tokenize_jobs.plan import Generation
+
+    job = TokenizeJob(CFG, "unused.jsonl", str(tmp_path / "out"), str(tokenizers / "video"))
+    clock = [0.0]
+    monkeypatch.setattr(job_mod.time, "monotonic", lambda: clock[0])
+
+    def record(index, clips=3, size=10, errors=()):
+        return {"index": index, "inputs": 2, "clips": clips, "first_id": f"{index}a", "last_id": f"{index}b",
+                "bytes": size if clips else 0, "inputs_failed": len(errors), "inputs_partial": 0,
+                "errors": [{"source": f"{e}.mp4", "id": e, "stage": "decode", "error_kind": "corrupt",
+                            "message": "bad", "clips_kept": 0} for e in errors], "truncated": []}
+
+    log = RecordLog(job.fs, job.records_dir, flush_s=30)
+    for index in range(4):
+        log.add(record(index, clips=0 if index == 2 else 3, errors=["x3"] if index == 3 else ()))
+        clock[0] += 10  # the fourth record comes 30 s after the first: the four go into one file
+    assert len(record_files(job.fs, job.records_dir)) == 1 and not log.pending
+    log.add(record(4))
+    log.flush()
+    for index in (0, 1, 3, 4):
+        (tmp_path / "out" / job.fingerprint).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / job.fingerprint / f"shard-0000{index}.parquet").write_bytes(b"x" * 10)
+    (tmp_path / "out" / job.fingerprint / "shard-00001.parquet").write_bytes(b"x" * 5)  # cut short
+    assert job.finished_shards(5).tolist() == [0, 2, 3, 4]
+    later = RecordLog(job.fs, job.records_dir, flush_s=0)  # a later run redid shard 1: its record replaces the first
+    later.add(record(1, size=5))
+    assert job.finished_shards(5).tolist() == [0, 1, 2, 3, 4]
+    assert sorted(r["index"] for t in read_records(job.fs, record_files(job.fs, job.records_dir)) for r in
+                  t.select(["index"]).to_pylist()) == [0, 1, 2, 3, 4]
+
+    generations = [Generation(0, 10, 0, 5, 1, "0" * 64, "unused.jsonl", "t0")]
+    summary = job.finish({"fingerprint": job.fingerprint}, generations)
+    assert (summary["shards"], summary["clips"], summary["inputs_failed"], summary["shards_with_clips"]) == (5, 12, 1, 4)
+    assert summary["failed_examples"] == [{"shard": 3, "source": "x3.mp4", "id": "x3", "stage": "decode",
+                                           "error_kind": "corrupt", "message": "bad", "clips_kept": 0}]
+    (compacted,) = record_files(job.fs, job.records_dir)
+    assert compacted.endswith("-compacted.parquet") and job.finished_shards(5).tolist() == [0, 1, 2, 3, 4]
+    assert pq.read_table(job.errors_path).column("id").to_pylist() == ["x3"]
 
 
 # ---------------------------------------------------------------------------------------------------- bad inputs
@@ -281,8 +337,10 @@ def test_bad_inputs_become_error_rows_and_the_guard_fails_the_job(ray_local, cor
     (tmp_path / "notes.mp4").write_text("not a video at all\n")
     os.mkfifo(tmp_path / "stalled.mp4")  # nobody ever writes: ffmpeg hangs until the timeout kills it
     good = read_manifest(corpus).column("path")[0].as_py()
+    (tmp_path / "a_folder").mkdir()
     rows = [{"path": good, "id": "good"}, {"path": "missing.mp4", "id": "missing"},
-            {"path": "notes.mp4", "id": "notes"}, {"path": "stalled.mp4", "id": "stalled"}]
+            {"path": "notes.mp4", "id": "notes"}, {"path": "stalled.mp4", "id": "stalled"},
+            {"path": "a_folder", "id": "folder"}, {"path": "/etc/passwd", "id": "passwd"}]
     if REAL.exists():
         rows.append({"path": str(REAL / "video_90.mov"), "id": "short"})  # 0.1 s: too short when short="skip"
     manifest = tmp_path / "bad.jsonl"
@@ -293,18 +351,23 @@ def test_bad_inputs_become_error_rows_and_the_guard_fails_the_job(ray_local, cor
     captured = capsys.readouterr()
     assert f"{len(rows) - 1} of {len(rows)} inputs failed" in captured.err and "errors.parquet" in captured.err
     assert "tokenize failed" in captured.out
-    # The console names the failed inputs (all of them here: fewer than five), their error kinds and messages.
-    for name, kind in (("missing.mp4", "missing"), ("notes.mp4", "not_media"), ("stalled.mp4", "timeout")):
-        assert f"failed: {name}: {kind}: " in captured.out, captured.out
-    assert f"every failed input: {out / JOBS_DIR}" in captured.out
     folder = only_fingerprint(out)
     errors = {e["source"]: e for e in pq.read_table(out / JOBS_DIR / folder.name / "errors.parquet").to_pylist()}
     kinds = {source: e["error_kind"] for source, e in errors.items()}
-    expected = {"missing.mp4": "missing", "notes.mp4": "not_media", "stalled.mp4": "timeout"}
+    expected = {"missing.mp4": "missing", "notes.mp4": "not_media", "stalled.mp4": "timeout",
+                "a_folder": "not_media", "/etc/passwd": "not_media"}
     if REAL.exists():
         expected[str(REAL / "video_90.mov")] = "too_short"
     assert kinds == expected
     assert all(e["stage"] == "decode" and e["message"] and e["clips_kept"] == 0 for e in errors.values())
+    # The console names the first five failed inputs (by shard, then id) with their error kinds and messages.
+    named = sorted(errors.values(), key=lambda e: e["id"])
+    for e in named[:5]:
+        assert f"failed: {e['source']}: {e['error_kind']}: {e['message'][:40]}" in captured.out, captured.out
+    for e in named[5:]:
+        assert f"failed: {e['source']}:" not in captured.out
+    rest = f"... and {len(named) - 5} more; " if len(named) > 5 else ""
+    assert f"  {rest}every failed input: {out / JOBS_DIR / folder.name / 'errors.parquet'}" in captured.out
     assert open_shards(str(out)).to_table(["id"]).column("id").to_pylist() == ["good", "good"]
 
     from pipeline.tracking import default_uri, search_runs

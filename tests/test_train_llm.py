@@ -1,8 +1,14 @@
 """`videopoet train llm` end to end: tokenize job shards -> Ray Train + DeepSpeed ZeRO-3 (2 CPU workers) -> export,
 with an exact resume and MLflow metrics per task."""
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 
+import pyarrow.fs as pa_fs
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -70,3 +76,39 @@ def test_adaptation_starts_from_the_pretrained_export(shards, tmp_path):
     # A different architecture, or a non-LLM export, is named and refused before any training.
     assert main([*common, "--out", str(tmp_path / "wide"), "--steps", "2", "--set", "model.width=64",
                  "--init", str(tmp_path / "base" / "model")]) == 2
+
+
+def run_app(args, env):
+    """The app in its own process (and its own embedded Ray), as `videopoet` runs; its exit code and output."""
+    proc = subprocess.Popen([sys.executable, "-m", "train.llm", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, **env, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
+                            start_new_session=True)
+    try:
+        output = proc.communicate(timeout=600)[0].decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray's processes left in the session
+    return proc.returncode, output
+
+
+def test_a_run_folder_on_object_storage(shards, tmp_path, s3_env):
+    out = "s3://bucket/runs/llm"
+    common = ["--config", "debug", "--data", str(shards), "--out", out, "--workers", "1",
+              "--set", "mixture.weights={text_to_video = 1.0}", "--set", "train.checkpoint_every=2"]
+    code, output = run_app([*common, "--steps", "2"], s3_env)
+    assert code == 2 and "set tracking.uri to a tracking server" in output, output[-2000:]
+    tracked = [*common, "--set", f"tracking.uri='sqlite:///{tmp_path / 'mlflow.db'}'"]
+    code, output = run_app([*tracked, "--steps", "2"], s3_env)
+    assert code == 0, output[-3000:]
+    code, output = run_app([*tracked, "--steps", "4"], s3_env)  # resumes from the checkpoint in the bucket
+    assert code == 0, output[-3000:]
+
+    s3 = pa_fs.S3FileSystem(endpoint_override=s3_env["AWS_ENDPOINT_URL_S3"], access_key="testing",
+                            secret_key="testing", region="us-east-1")
+    summary = json.loads(s3.open_input_stream("bucket/runs/llm/summary.json").read())
+    assert summary["steps"] == 4 and summary["model"] == f"{out}/model"
+    names = {i.base_name for i in s3.get_file_info(pa_fs.FileSelector("bucket/runs/llm/model"))}
+    assert {"model.safetensors", "config.json", "words.json"} <= names
+    assert {i.base_name for i in s3.get_file_info(pa_fs.FileSelector("bucket/runs/llm/ray/llm"))}  # checkpoints
+    (run,) = search_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "videopoet")  # one run across the two commands
+    assert run.data.metrics["loss"] > 0

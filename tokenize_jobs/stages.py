@@ -32,7 +32,7 @@ from pipeline.sequence import MAX_TEXT_EMBEDDINGS
 from pipeline.storage import is_uri, resolve_filesystem
 from pipeline.structure import structure_video
 from pipeline.text import ENCODER_FILE, WORDS_FILE, FrozenTextEncoder
-from tokenize_jobs.decode import DecodeClips
+from pipeline.decode import DecodeClips
 
 TEXT_ENCODER_FILES = (ENCODER_FILE, WORDS_FILE)
 
@@ -97,7 +97,7 @@ def _autocast(device: torch.device):
 class Decode:
     """`DecodeClips` (a generator of batches: an input's clips stream), plus the manifest columns the job needs on
     every clip (shard, split, extras); then each of `transforms` (batch -> batch) in order, on the same worker.
-    The writer knows an input is complete from `input_rows` (see `tokenize_jobs.decode`)."""
+    The writer knows an input is complete from `input_rows` (see `pipeline.decode`)."""
 
     CARRIED = ("shard", "split", "extras")
     # Ray Data turns a column that is null in every row of a block into float NaN when the block goes through

@@ -39,7 +39,7 @@ def shard_columns(shard, columns: list[str], rank: int = 0, world_size: int = 1)
 
 def log_lineage(run: Any, shards: ShardSet, location: str, train_rows: int, val_rows: int) -> None:
     """The shards a run trains on (train and val splits) and the tokenizers that wrote them, as MLflow inputs."""
-    run.log_dataset(shards_record(shards, location, train_rows), "train")
-    run.log_dataset(shards_record(shards, location, val_rows), "val")
+    run.log_dataset(shards_record(shards, location, "train", train_rows), "train")
+    run.log_dataset(shards_record(shards, location, "val", val_rows), "val")
     for role, record in tokenizer_records(shards).items():
         run.log_dataset(record, f"{role}_tokenizer")

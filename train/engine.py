@@ -22,7 +22,6 @@ and its validation. The engine owns everything else, the same way for every app:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -30,21 +29,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoint import read_metadata
 from pipeline.config import from_dict, load_config, to_dict
-from pipeline.storage import exclusive, is_uri, owner_record, redact_values, resolve_filesystem, save_text
-from pipeline.tracking import RUN_FILE, NullRun, attach, start_run
+from pipeline.storage import is_uri
+from pipeline.tracking import NullRun, attach
 
 STATE_FILE = "state.json"  # in a checkpoint: the step and the recipe's state
 WEIGHTS_FILE = "model.safetensors"  # in the last checkpoint: the full fp32 weights of the `model` module
-RUN_CONFIG_FILE = "run_config.json"  # in a run folder: the app's resolved config
-LOCK_FILE = ".lock"  # in a run folder: held by the run's driver
 MODEL = "model"  # the module a run exports
 TAG = "checkpoint"
 SHARDS_DIR = "deepspeed"
@@ -234,16 +230,34 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, tensor)}
 
 
-def _build_engine(module: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig):
+def _build_engine(module: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig, universal: bool = False):
+    """A DeepSpeed engine for `module`; `universal` when it will load a universal checkpoint (one saved at another
+    world size and converted)."""
     import deepspeed
     import ray.train
 
     # DeepSpeed's own launcher exports LOCAL_SIZE (ranks per node). Without it, its CPU accelerator counts NUMA nodes
     # by running `numactl` at every ZeRO-3 gradient reduce: a subprocess per step.
     os.environ.setdefault("LOCAL_SIZE", str(ray.train.get_context().get_local_world_size()))
-    engine, _, _, _ = deepspeed.initialize(model=module, config=deepspeed_config(train, ds),
+    config = deepspeed_config(train, ds)
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=module, config=config,
                                            model_parameters=[p for p in module.parameters() if p.requires_grad])
     return engine
+
+
+def _universal(shards: str, target: str) -> str:
+    """DeepSpeed's universal checkpoint of the shards in `shards/<TAG>`, written to `target/<TAG>`: parameters and
+    optimizer state per parameter, which any number of ranks can load (ZeRO re-partitions them on load)."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    to_universal(Namespace(input_folder=os.path.join(shards, TAG), output_folder=os.path.join(target, TAG),
+                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                           inject_missing_state=False))
+    return target
 
 
 def _sync_buffers(engines: Mapping[str, Any]) -> None:
@@ -285,24 +299,34 @@ def report_checkpoint(engines: Mapping[str, Any], step: int, metrics: dict[str, 
             engine.save_checkpoint(os.path.join(tmp, SHARDS_DIR, name), tag=TAG)
         weights = _full_weights(engines[MODEL]) if final else None
         if rank == 0:
-            Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+            Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "world_size": dist.get_world_size(), **state},
+                                                        indent=2))
             if weights is not None:
                 save_file(weights, os.path.join(tmp, WEIGHTS_FILE))
         dist.barrier()
         ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def restore_checkpoint(engines: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Load the run's latest checkpoint into the engines; its state (step, ...) or None on a fresh start."""
+def saved_state() -> dict[str, Any] | None:
+    """The state of the run's latest checkpoint (step, world size, ...), or None on a fresh start."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        for name, engine in engines.items():
-            engine.load_checkpoint(os.path.join(folder, SHARDS_DIR, name), tag=TAG)
         return json.loads(Path(folder, STATE_FILE).read_text())
+
+
+def restore_checkpoint(engines: Mapping[str, Any], reshard: bool) -> None:
+    """Load the run's latest checkpoint into the engines. With `reshard` (it was saved at another world size), each
+    engine's shards are first converted to DeepSpeed's universal format, which the engines were built to load."""
+    import ray.train
+
+    with ray.train.get_checkpoint().as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
+        for name, engine in engines.items():
+            shards = os.path.join(folder, SHARDS_DIR, name)
+            engine.load_checkpoint(_universal(shards, os.path.join(tmp, name)) if reshard else shards, tag=TAG)
 
 
 class _Progress:
@@ -344,10 +368,15 @@ def worker_loop(config: dict[str, Any]) -> None:
                     tracker)
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     recipe: Recipe = config["recipe"](worker)
-    engines = {name: _build_engine(module, train, ds) for name, module in recipe.modules().items()}
-    state = restore_checkpoint(engines)
+    state = saved_state()
+    reshard = state is not None and state.get("world_size", world_size) != world_size
+    if reshard and rank == 0:
+        print(f"[{config['name']}] resuming step {state['step']} of {state['world_size']} workers on {world_size}: "
+              "resharding the checkpoint (DeepSpeed universal checkpoint)", flush=True)
+    engines = {name: _build_engine(module, train, ds, universal=reshard) for name, module in recipe.modules().items()}
     start = 0
     if state is not None:
+        restore_checkpoint(engines, reshard)
         start = state["step"]
         recipe.restore(state)
 
@@ -397,8 +426,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- driver
 
-def fit(name: str, recipe: type[Recipe], app: Any, out: str | Path, run: Any, datasets: dict[str, Any],
-        **entries: Any):
+def fit(name: str, recipe: type[Recipe], app: Any, out: str, run: Any, datasets: dict[str, Any], **entries: Any):
     """Run (or resume) `recipe` on `app.train.workers` Ray Train workers, with checkpoints under
     OUT/ray/<name>; `entries` reach the workers in `Worker.config`. Returns Ray Train's `Result`."""
     import ray.train
@@ -411,7 +439,7 @@ def fit(name: str, recipe: type[Recipe], app: Any, out: str | Path, run: Any, da
     for dataset in datasets.values():
         # Workers iterate these every run; their progress bars would flood the driver's log.
         dataset.context.enable_progress_bars = False
-    storage = f"{str(out).rstrip('/')}/ray" if is_uri(str(out)) else str(Path(out).resolve() / "ray")
+    storage = f"{out.rstrip('/')}/ray" if is_uri(out) else str(Path(out).resolve() / "ray")
     loop_config = {"name": name, "recipe": recipe, "app": to_dict(app), "train": to_dict(train),
                    "deepspeed": to_dict(app.deepspeed), "tracking_uri": run.uri, "run_id": run.run_id, **entries}
     trainer = TorchTrainer(
@@ -439,48 +467,6 @@ def final_weights(result) -> tuple[dict[str, torch.Tensor], int]:
     with result.checkpoint.as_directory() as folder:
         step = json.loads(Path(folder, STATE_FILE).read_text())["step"]
         return load_file(str(Path(folder, WEIGHTS_FILE))), step
-
-
-def open_run(app: Any, out: Path, name: str, parent):
-    """The run's MLflow run: a child of `parent`, or the run of a previous invocation being resumed, or a new one."""
-    if parent is not None:
-        return parent.child(name, app)
-    record = out / RUN_FILE
-    if record.exists():
-        saved = json.loads(record.read_text())
-        return attach(saved["uri"], saved["run_id"])
-    run = start_run(app.tracking, out, name, params=app)
-    save_text(record, json.dumps({"uri": run.uri, "run_id": run.run_id}) + "\n")
-    return run
-
-
-@contextlib.contextmanager
-def claim(out: Path, name: str) -> Iterator[None]:
-    """The run folder, created and held for this process: a second run on the same OUT is refused (`Busy`, naming
-    the holder) instead of sharing checkpoints and temporaries with the first."""
-    out.mkdir(parents=True, exist_ok=True)
-    fs, root = resolve_filesystem(str(out.resolve()))
-    with exclusive(fs, f"{root}/{LOCK_FILE}", owner_record(job=name), f"--out {out}"):
-        yield
-
-
-def write_run_config(out: Path, config: Mapping[str, Any]) -> None:
-    save_text(out / RUN_CONFIG_FILE, json.dumps(redact_values(config), indent=2) + "\n")
-
-
-def write_summary(out: Path, run: Any, summary: dict[str, Any]) -> None:
-    path = out / "summary.json"
-    save_text(path, json.dumps(redact_values(summary), indent=2) + "\n")
-    run.log_artifact(path)
-
-
-def log_export(run: Any, export: Path, artifact_path: str) -> str:
-    """The export as an artifact of its run (loadable as `runs:/<run_id>/<artifact_path>`), its fingerprint as a
-    tag; returns the fingerprint."""
-    fingerprint = read_metadata(export)["fingerprint"]
-    run.log_artifact(export, artifact_path)
-    run.set_tags({f"videopoet.{artifact_path}_fingerprint": fingerprint})
-    return fingerprint
 
 
 def result_metrics(result) -> dict[str, float]:

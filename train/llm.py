@@ -30,17 +30,16 @@ from pipeline.config import ConfigError, from_dict, identity_json, to_dict
 from pipeline.lineage import export_record
 from pipeline.llm import LLMConfig, VideoPoetLM
 from pipeline.shards import ShardError, ShardSet, open_shards
-from pipeline.storage import save_text
+from pipeline.storage import Busy, save_text
 from pipeline.text import WORDS_FILE, TextConfig, WordVocabulary, load_text_conditioner, stack_embeddings
 from pipeline.tracking import TrackingConfig
 from pipeline.vocab import Vocabulary
 from train.data import log_lineage, shard_columns, split_datasets
-from pipeline.storage import Busy
 from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, all_reduce_mean,
-                          app_config, claim, final_weights, fit, log_export, open_run, result_metrics,
-                          write_run_config, write_summary)
+                          app_config, final_weights, fit, result_metrics)
 from train.flops import matmul_peak_flops, transformer_flops_per_token
 from train.mixture import Mixture, MixtureConfig, Row, check_inputs, collate, rows_from_table
+from train.runs import EXPORT_CACHE, RunFolder, local_export, log_export, open_run, write_run_config, write_summary
 
 TOKEN_COLUMNS = ["clip_id", "caption", "split", "video_tokens", "video_shape", "audio_tokens", "audio_shape",
                  "structure_tokens", "structure_shape"]
@@ -116,7 +115,7 @@ class LLMRecipe(Recipe):
     def modules(self) -> dict[str, torch.nn.Module]:
         model = VideoPoetLM(self.model_cfg)
         if self.app.init:
-            model.load_state_dict(load_checkpoint(self.app.init).state_dict())
+            model.load_state_dict(load_checkpoint(local_export(self.app.init, EXPORT_CACHE)).state_dict())
         return {"model": Objective(model)}
 
     def _inputs(self, sequences, conditions):
@@ -191,57 +190,59 @@ def task_losses(sums: Mapping[str, float], prefix: str = "loss") -> dict[str, fl
 
 def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, parent=None) -> dict[str, Any]:
     """Train (or resume) the LLM on shards; returns the summary also written to OUT/summary.json."""
-    out = Path(out)
+    folder = RunFolder(out)
     shards = open_shards(data)
-    with claim(out, "llm"):
+    init = local_export(app.init, EXPORT_CACHE) if app.init else None
+    with folder.hold("llm"):
         table = shards.to_table(["caption", "has_audio"])
         check_inputs(app.mixture, available_inputs(shards, table), f"the shards {data}")
-        words_path = out / WORDS_FILE
-        if app.text.kind == "words" and not words_path.exists():
-            if app.init:  # the pretrained model's word ids, whatever words the new captions have
-                save_text(words_path, (Path(app.init) / WORDS_FILE).read_text())
-            else:
-                load_text_conditioner(app.text, table.column("caption").to_pylist()).save(words_path)
-        text = WordVocabulary.load(words_path) if app.text.kind == "words" else load_text_conditioner(app.text)
+        words = folder.read_text(WORDS_FILE) if app.text.kind == "words" else ""
+        if app.text.kind == "words" and words is None:
+            # An adapted model keeps the pretrained model's word ids, whatever words the new captions have.
+            words = ((init / WORDS_FILE).read_text() if init else
+                     load_text_conditioner(app.text, table.column("caption").to_pylist()).to_json())
+            folder.write_text(WORDS_FILE, words)
+        text = WordVocabulary.from_json(words) if words else load_text_conditioner(app.text)
         model_cfg = replace(app.model, vocab=vocabulary_for(shards, text.text_size))
-        origin = check_init(app.init, model_cfg, shards) if app.init else {}
-        write_run_config(out, {**to_dict(app), "model": to_dict(model_cfg)})
+        origin = check_init(app.init, init, model_cfg, shards) if init else {}
+        write_run_config(folder, {**to_dict(app), "model": to_dict(model_cfg)})
 
-        run = open_run(app, out, "llm", parent)
+        run = open_run(app, folder, "llm", parent)
         began = time.perf_counter()
         with run:
             train_ds, val_ds = split_datasets(shards, TOKEN_COLUMNS)
             lengths = [len(s) for s in shards.to_table(["video_tokens"]).column("video_tokens").to_pylist()[:64]]
             run.log_params({"vocab_size": model_cfg.vocab.size, "parameters": _parameters(model_cfg),
                             "shards_fingerprint": shards.fingerprint})
-            if origin:
+            if init:
                 run.set_tags(origin)
-                run.log_dataset(export_record(app.init), "init")
+                run.log_dataset(export_record(init), "init")
             train_rows, val_rows = train_ds.count(), val_ds.count()
             run.log_metrics({"train_clips": train_rows, "val_clips": val_rows})
             log_lineage(run, shards, str(data), train_rows, val_rows)
-            result = fit("llm", LLMRecipe, app, out, run, {"train": train_ds, "val": val_ds},
+            result = fit("llm", LLMRecipe, app, folder.location, run, {"train": train_ds, "val": val_ds},
                          model=to_dict(model_cfg), data=str(data), mean_length=float(np.mean(lengths)) + 16,
-                         words=words_path.read_text() if app.text.kind == "words" else "")
+                         words=words)
             weights, step = final_weights(result)
             model = VideoPoetLM(model_cfg)
             model.load_state_dict(weights)
-            export = save_checkpoint(out / "model", model, model_cfg,
-                                     extra={"steps": step, "tokenizers": shards.meta.tokenizers,
-                                            "media": shards.meta.settings, "text": to_dict(app.text), **origin})
-            if app.text.kind == "words":
-                save_text(export / WORDS_FILE, words_path.read_text())
-            fingerprint = log_export(run, export, "model")
-            summary = {"steps": step, "model": str(export), "fingerprint": fingerprint,
+            with folder.export_dir("model") as export:
+                save_checkpoint(export, model, model_cfg,
+                                extra={"steps": step, "tokenizers": shards.meta.tokenizers,
+                                       "media": shards.meta.settings, "text": to_dict(app.text), **origin})
+                if words:
+                    save_text(export / WORDS_FILE, words)
+                fingerprint = log_export(run, export, "model")
+            summary = {"steps": step, "model": folder.uri("model"), "fingerprint": fingerprint,
                        "metrics": result_metrics(result), "seconds": time.perf_counter() - began}
-            write_summary(out, run, summary)
+            write_summary(folder, run, summary)
         return summary
 
 
-def check_init(location: str, model_cfg: LLMConfig, shards: ShardSet) -> dict[str, str]:
-    """What the run records of the export it starts from; refuses one that does not fit this run, saying what
-    differs (architecture, vocabulary, tokenizers)."""
-    meta = read_metadata(location)
+def check_init(location: str, local: Path, model_cfg: LLMConfig, shards: ShardSet) -> dict[str, str]:
+    """What the run records of the export it starts from (`local`, its copy here); refuses one that does not fit
+    this run, saying what differs (architecture, vocabulary, tokenizers)."""
+    meta = read_metadata(local)
     where = f"--init {location}"
     if meta["kind"] != "llm":
         raise ValueError(f"{where}: a {meta['kind']} export, not an LLM one")
@@ -285,4 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Ray pickles classes of `__main__` by value, without this module's globals: run the module by its import name.
+    from train.llm import main as module_main
+
+    raise SystemExit(module_main())

@@ -42,8 +42,8 @@ from pipeline.tracking import TrackingConfig
 from train.data import log_lineage, shard_columns, split_datasets
 from pipeline.storage import Busy
 from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, all_reduce_mean,
-                          app_config, claim, final_weights, fit, log_export, open_run, result_metrics,
-                          write_run_config, write_summary)
+                          app_config, final_weights, fit, result_metrics)
+from train.runs import RunFolder, log_export, open_run, write_run_config, write_summary
 
 TOKEN_COLUMNS = ["clip_id", "caption", "split", "video_tokens", "video_shape", "hr_video_tokens", "hr_video_shape"]
 STATS = ("loss", "accuracy", "factor_accuracy")
@@ -173,7 +173,7 @@ def check_shards(shards: ShardSet, model: SuperResConfig) -> None:
                          f"(set model.grid = {list(hr_shape)} and windows that tile it)")
 
 
-def prepare_text(app: SRTrainConfig, shards: ShardSet, out: Path) -> str:
+def prepare_text(app: SRTrainConfig, shards: ShardSet, folder: RunFolder) -> str:
     """The word vocabulary's JSON (built from the training captions once, then reused on resume), or "" for an
     encoder; checks that the model can take what the conditioner gives."""
     if app.text.kind == "encoder":
@@ -184,12 +184,13 @@ def prepare_text(app: SRTrainConfig, shards: ShardSet, out: Path) -> str:
         return ""
     if not app.model.text_vocab:
         raise ValueError("model.text_vocab = 0 takes text as embeddings: set text.kind = 'encoder' and text.path")
-    path = out / WORDS_FILE
-    if not path.exists():
+    saved = folder.read_text(WORDS_FILE)
+    if saved is None:
         captions = shards.to_table(["caption"]).column("caption").to_pylist()
         limited = TextConfig(**{**to_dict(app.text), "max_size": app.text.max_size or app.model.text_vocab})
-        load_text_conditioner(limited, captions).save(path)
-    words = WordVocabulary.load(path)
+        saved = load_text_conditioner(limited, captions).to_json()
+        folder.write_text(WORDS_FILE, saved)
+    words = WordVocabulary.from_json(saved)
     if words.size > app.model.text_vocab:
         raise ValueError(f"text: {words.size} words, but model.text_vocab = {app.model.text_vocab} "
                          f"(set text.max_size <= {app.model.text_vocab})")
@@ -198,14 +199,14 @@ def prepare_text(app: SRTrainConfig, shards: ShardSet, out: Path) -> str:
 
 def train_sr(app: SRTrainConfig, data: str | list[str], out: str | Path, parent=None) -> dict[str, Any]:
     """Train (or resume) a super-resolution stage on shards; returns the summary also written to OUT/summary.json."""
-    out = Path(out)
+    folder = RunFolder(out)
     shards = open_shards(data)
-    with claim(out, "superres"):
+    with folder.hold("superres"):
         check_shards(shards, app.model)
-        words = prepare_text(app, shards, out)
-        write_run_config(out, to_dict(app))
+        words = prepare_text(app, shards, folder)
+        write_run_config(folder, to_dict(app))
 
-        run = open_run(app, out, "superres", parent)
+        run = open_run(app, folder, "superres", parent)
         began = time.perf_counter()
         with run:
             train_ds, val_ds = split_datasets(shards, TOKEN_COLUMNS)
@@ -215,21 +216,22 @@ def train_sr(app: SRTrainConfig, data: str | list[str], out: str | Path, parent=
             train_rows, val_rows = train_ds.count(), val_ds.count()
             run.log_metrics({"train_clips": train_rows, "val_clips": val_rows})
             log_lineage(run, shards, str(data), train_rows, val_rows)
-            result = fit("superres", SRRecipe, app, out, run, {"train": train_ds, "val": val_ds},
+            result = fit("superres", SRRecipe, app, folder.location, run, {"train": train_ds, "val": val_ds},
                          data=str(data), words=words)
             weights, step = final_weights(result)
             model = SuperResTransformer(app.model)
             model.load_state_dict(weights)
-            export = save_checkpoint(out / "model", model, app.model,
-                                     extra={"steps": step, "tokenizers": shards.meta.tokenizers,
-                                            "media": shards.meta.settings, "text": to_dict(app.text)})
-            if words:
-                save_text(export / WORDS_FILE, words)
-            fingerprint = log_export(run, export, "model")
-            summary = {"steps": step, "model": str(export), "fingerprint": fingerprint,
+            with folder.export_dir("model") as export:
+                save_checkpoint(export, model, app.model,
+                                extra={"steps": step, "tokenizers": shards.meta.tokenizers,
+                                       "media": shards.meta.settings, "text": to_dict(app.text)})
+                if words:
+                    save_text(export / WORDS_FILE, words)
+                fingerprint = log_export(run, export, "model")
+            summary = {"steps": step, "model": folder.uri("model"), "fingerprint": fingerprint,
                        "parameters": parameters, "metrics": result_metrics(result),
                        "seconds": time.perf_counter() - began}
-            write_summary(out, run, summary)
+            write_summary(folder, run, summary)
         return summary
 
 
@@ -250,4 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Ray pickles classes of `__main__` by value, without this module's globals: run the module by its import name.
+    from train.superres import main as module_main
+
+    raise SystemExit(module_main())

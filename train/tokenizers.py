@@ -46,8 +46,9 @@ from pipeline.metrics import codebook_usage, psnr, sharpness, si_snr, ssim
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.tracking import TrackingConfig
 from pipeline.storage import Busy
-from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, app_config, claim,
-                          final_weights, fit, log_export, open_run, result_metrics, write_run_config, write_summary)
+from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, app_config,
+                          final_weights, fit, result_metrics)
+from train.runs import EXPORT_CACHE, RunFolder, local_export, log_export, open_run, write_run_config, write_summary
 
 
 def _data_parallel() -> DeepSpeedConfig:
@@ -292,7 +293,7 @@ def clip_datasets(table: pa.Table, media: MediaConfig, val_clips: int):
     """(train, val, failed sources): Ray datasets of a manifest's decoded clips, held out by its `val` split."""
     import ray
 
-    from tokenize_jobs.decode import DecodeClips
+    from pipeline.decode import DecodeClips
 
     decoded = ray.data.from_arrow(table).map_batches(
         DecodeClips, fn_constructor_args=(media,), batch_size=1, batch_format="numpy",
@@ -369,12 +370,12 @@ def initial_model(modality: Any, app: Any) -> torch.nn.Module:
     """A fresh tokenizer, or with `init_image` the image tokenizer of that export inflated into a video one."""
     if not getattr(app, "init_image", ""):
         return modality.build(app.model)
-    return inflate_from_image(load_checkpoint(app.init_image).train())
+    return inflate_from_image(load_checkpoint(local_export(app.init_image, EXPORT_CACHE)).train())
 
 
 def check_init_image(app: Any) -> dict[str, Any]:
     """What the run records of `init_image`; refuses an export that is not an image tokenizer of this architecture."""
-    meta = read_metadata(app.init_image)
+    meta = read_metadata(local_export(app.init_image, EXPORT_CACHE))
     where = f"init_image {app.init_image}"
     if meta["kind"] != "magvit" or meta["extra"].get("mode") != "image":
         raise ValueError(f"{where}: not an image tokenizer (a {meta['kind']} export trained with mode = "
@@ -477,10 +478,10 @@ def train_tokenizer(modality_name: str, app: Any, manifest: str, out: str | Path
     origin = check_init_image(app) if getattr(app, "init_image", "") else {}
     if getattr(app, "perceptual", PerceptualConfig()).path:
         load_perceptual_network(app.perceptual.path)
-    out = Path(out)
-    with claim(out, name):
-        write_run_config(out, to_dict(app))
-        run = open_run(app, out, name, parent)
+    folder = RunFolder(out)
+    with folder.hold(name):
+        write_run_config(folder, to_dict(app))
+        run = open_run(app, folder, name, parent)
         began = time.perf_counter()
         with run:
             table = read_manifest(manifest)
@@ -490,19 +491,20 @@ def train_tokenizer(modality_name: str, app: Any, manifest: str, out: str | Path
             run.log_dataset(manifest_record(manifest, table), "train")
             if origin:
                 run.set_tags(origin)
-                run.log_dataset(export_record(app.init_image), "init")
-            result = fit(name, TokenizerRecipe, app, out, run, {"train": train_ds, "val": val_ds},
+                run.log_dataset(export_record(local_export(app.init_image, EXPORT_CACHE)), "init")
+            result = fit(name, TokenizerRecipe, app, folder.location, run, {"train": train_ds, "val": val_ds},
                          modality=modality_name, manifest=str(manifest))
             weights, step = final_weights(result)
             model = modality.build(app.model)
             model.load_state_dict(weights)
             extra = {"steps": step, "manifest": str(manifest), "mode": getattr(app, "mode", "video"), **origin}
-            export = save_checkpoint(out / "tokenizer", model, app.model, extra=extra)
-            fingerprint = log_export(run, export, "tokenizer")
+            with folder.export_dir("tokenizer") as export:
+                save_checkpoint(export, model, app.model, extra=extra)
+                fingerprint = log_export(run, export, "tokenizer")
             summary = {"modality": modality_name, "steps": step, "fingerprint": fingerprint,
-                       "tokenizer": str(export), "failed_inputs": failed, "metrics": result_metrics(result),
+                       "tokenizer": folder.uri("tokenizer"), "failed_inputs": failed, "metrics": result_metrics(result),
                        "seconds": time.perf_counter() - began}
-            write_summary(out, run, summary)
+            write_summary(folder, run, summary)
         return summary
 
 

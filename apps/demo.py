@@ -34,7 +34,7 @@ from pipeline.generation import SamplingConfig, VideoPoet
 from pipeline.manifest import read_manifest
 from pipeline.media import decode, write_video
 from pipeline.oracle import ATTRIBUTES, read_attributes, read_audio_attributes, read_video_attributes, score, score_av
-from pipeline.storage import redact_values, save_text
+from pipeline.storage import check_folder, redact_values, save_text
 from pipeline.synth import COLORS, MOTIONS, SHAPES, SynthConfig, caption, write_corpus
 from pipeline.tracking import TrackingConfig, start_run
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob
@@ -269,23 +269,15 @@ def print_summary(summary: dict, out: Path) -> None:
         print(f"MLflow:  mlflow ui --backend-store-uri {summary['mlflow']['tracking_uri']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="videopoet demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True,
-                        help="run folder (corpus, runs of every stage, summary.json, mlflow.db)")
-    parser.add_argument("--config", default=None, help="a TOML file of DemoConfig sections")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set clips=96 or --set llm.train.steps=100")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`videopoet demo` with its arguments parsed (`apps.cli`)."""
     try:
         base = to_dict(DemoConfig()) if args.config is None else to_dict(load_config(DemoConfig, args.config))
         cfg = from_dict(DemoConfig, apply_overrides(base, args.overrides))
+        check_folder(args.out)
     except (ConfigError, ValueError) as e:
         print(f"videopoet demo: {e}", file=sys.stderr)
         return 2
     run_demo(cfg, Path(args.out))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -28,13 +27,13 @@ import numpy as np
 
 from pipeline.generation import Generated, SamplingConfig, VideoPoet, load_frames, model_dir
 from pipeline.media import MediaError, decode_audio, write_video
-from pipeline.sequence import Task
+from pipeline.storage import check_folder
 from pipeline.tracking import fetch_export
 
 CACHE = Path.home() / ".cache" / "videopoet" / "mlflow"
 
 
-def run(args: argparse.Namespace) -> tuple[Generated, VideoPoet]:
+def sample(args: argparse.Namespace) -> tuple[Generated, VideoPoet]:
     def local(location: str) -> Path:
         return model_dir(fetch_export(location, args.tracking_uri, CACHE))
 
@@ -66,42 +65,17 @@ def run(args: argparse.Namespace) -> tuple[Generated, VideoPoet]:
     return result, poet
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="videopoet generate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    tasks = [t.value for t in Task if t != Task.UNCONDITIONAL] + [Task.UNCONDITIONAL.value]
-    parser.add_argument("--checkpoint", required=True, help="run folder of `videopoet train llm` (or its model/), or "
-                                                            "the export in MLflow: runs:/<run_id>/model")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""),
-                        help="the MLflow tracking URI of runs:/ checkpoints (default: $MLFLOW_TRACKING_URI)")
-    parser.add_argument("--task", required=True, choices=tasks)
-    parser.add_argument("--then", action="append", default=[], choices=tasks, help="chain another task on the output")
-    parser.add_argument("--prompt", help="the caption (text tasks)")
-    parser.add_argument("--image", help="an image file: the first frame (image-to-video)")
-    parser.add_argument("--video", help="a video file: its first clip (and its audio) as the condition")
-    parser.add_argument("--audio", help="an audio (or video) file whose sound conditions audio-to-video")
-    parser.add_argument("--context-frames", type=int, default=1, help="latent frames given (future prediction)")
-    parser.add_argument("--extend", type=int, default=0, help="lengthen the video N times by future prediction")
-    parser.add_argument("--sr", action="append", default=[], metavar="RUN",
-                        help="a run folder of `videopoet train sr` (or its model/): upsample the result; repeat for "
-                             "a cascade, lowest resolution first")
-    parser.add_argument("--sr-text-encoder", metavar="DIR",
-                        help="the text encoder folder of super-resolution stages conditioned on one (an export never "
-                             "chooses a program to load)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output MP4")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`videopoet generate` with its arguments parsed (`apps.cli`): sample, then write the MP4 and tokens."""
+    out = Path(args.out)
     try:
-        result, poet = run(args)
+        if out.is_dir():  # checked before sampling, which may take minutes, as is its folder
+            raise ValueError(f"--out {out} is a folder; give the MP4 file to write")
+        check_folder(str(out.parent), f"--out {out}: folder")
+        result, poet = sample(args)
     except (ValueError, MediaError, FileNotFoundError) as e:
         print(f"videopoet generate: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_video(str(out), result.frames, poet.media.fps, result.audio, poet.media.sample_rate)
     tokens = out.with_suffix(".tokens.npz")
@@ -112,6 +86,3 @@ def main(argv: list[str] | None = None) -> int:
                       "size": list(result.frames.shape[1:3]), "audio": result.audio is not None}))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -76,9 +76,9 @@ def _check(prompt: Prompt, where: str) -> Prompt:
     return prompt
 
 
-def _read_jsonl(path: Path) -> list[Prompt]:
+def _read_jsonl(path: Path, text: str) -> list[Prompt]:
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"prompts {path}:{number}"
@@ -121,11 +121,15 @@ def load_prompts(source: str, samples_per_prompt: int, synthetic_tasks: tuple[st
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"--prompts {source}: no such file (or one of the built-in sets {list(BUILT_IN)})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts {path}: not UTF-8 text ({e})") from None
     if path.suffix == ".jsonl":
-        prompts = _read_jsonl(path)
+        prompts = _read_jsonl(path, text)
     else:
         prompts = [_check(Prompt(Task.TEXT_TO_VIDEO.value, line.strip()), f"prompts {path}:{number}")
-                   for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+                   for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not prompts:
         raise ValueError(f"prompts {path}: no prompts in the file")
     return PromptSet(path.name, prompts, samples_per_prompt)

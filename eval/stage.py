@@ -39,7 +39,7 @@ from eval.clip_score import ClipConfig
 from eval.fairness import ATTRIBUTE_PROMPTS
 from eval.fvd import FeatureStats
 from eval.i3d import I3DConfig
-from eval.prompts import BUILT_IN, PromptSet, load_prompts, sample_rows
+from eval.prompts import PromptSet, load_prompts, sample_rows
 from eval.report import clipsim, fairness, flat_metrics, fvd, jsonable, oracle, plot_attributes, plot_samples, \
     protocols
 from pipeline.checkpoint import read_metadata
@@ -49,7 +49,7 @@ from pipeline.generation import SamplingConfig, model_dir
 from pipeline.manifest import read_manifest
 from pipeline.media import MediaConfig, write_video
 from pipeline.sequence import Task
-from pipeline.storage import save_text
+from pipeline.storage import check_folder, save_text
 from pipeline.synth import ATTRIBUTES
 from pipeline.tracking import RUN_FILE, TrackingConfig, attach, start_run
 
@@ -172,10 +172,11 @@ class Collector:
 
 def export_media(model: Path) -> MediaConfig:
     """The clip settings of an LLM export (those its training shards were decoded at)."""
-    extra = read_metadata(model).get("extra", {})
-    if "media" not in extra or not extra.get("tokenizers"):
-        raise ValueError(f"--checkpoint {model}: not an LLM export of `videopoet train llm` (no media or tokenizer "
-                         f"record)")
+    meta = read_metadata(model)
+    extra = meta.get("extra", {})
+    if meta["kind"] != "llm" or "media" not in extra or not extra.get("tokenizers"):
+        raise ValueError(f"--checkpoint {model}: not an LLM export of `videopoet train llm` (kind {meta['kind']!r}, "
+                         f"or no media or tokenizer record)")
     return from_dict(MediaConfig, extra["media"]["media"])
 
 
@@ -234,7 +235,7 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
     parent: a `pipeline.tracking.Run` (the training or demo run) to nest this stage's run under.
     """
     began = time.perf_counter()
-    out = Path(out)
+    out = Path(check_folder(str(out)))
     out.mkdir(parents=True, exist_ok=True)
     model = model_dir(str(checkpoint))
     media = export_media(model)
@@ -309,31 +310,16 @@ def _parent_run(run_id: str, uri: str, checkpoint: str):
     return parent
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="videopoet eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--checkpoint", required=True, help="run folder of `videopoet train llm` (or its model/)")
-    parser.add_argument("--prompts", required=True,
-                        help=f"a JSONL or text prompts file, or a built-in set: {', '.join(BUILT_IN)}")
-    parser.add_argument("--real", help="a corpus manifest: the real clips FVD compares against")
-    parser.add_argument("--out", required=True, help="output folder (samples.parquet, metrics.json, plots, ...)")
-    parser.add_argument("--config", default="demo", help="flavor (debug, demo, paper) or a TOML file")
-    parser.add_argument("--samples", type=int, help="evaluate only the first N samples (max_samples)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set i3d.weights=rgb_imagenet.pt")
-    parser.add_argument("--parent-run", help="MLflow run id (the training run) to nest this run under")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: OUT/mlflow.db, or with --parent-run "
-                                               "the store the checkpoint's mlflow_run.json records)")
-    parser.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`videopoet eval` with its arguments parsed (`eval.cli`)."""
     overrides = list(args.overrides)
     if args.samples is not None:
         overrides.append(f"max_samples={args.samples}")
     try:
         cfg = load_config(EvalConfig, args.config, overrides, kind="eval")
     except ValueError as e:  # ConfigError included: a bad file, key, type or value
-        parser.error(str(e))
+        print(f"videopoet eval: {e}", file=sys.stderr)
+        return 2
     cfg = replace(cfg, tracking=replace(cfg.tracking, uri=args.tracking_uri or cfg.tracking.uri,
                                         enabled=cfg.tracking.enabled and not args.no_tracking))
     try:
@@ -349,6 +335,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(jsonable(summary)))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -95,7 +95,12 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {directory}: no {CONFIG_FILE}")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ValueError(f"checkpoint {directory}: {CONFIG_FILE} is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint {directory}: {CONFIG_FILE} holds a {type(meta).__name__}, not an object")
     missing = {"format", "kind", "config", "fingerprint"} - set(meta)
     if missing:
         raise ValueError(f"checkpoint {directory}: {CONFIG_FILE} lacks {', '.join(sorted(missing))}")

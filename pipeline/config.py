@@ -174,7 +174,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
+    except OSError as e:  # a folder, no permission
+        raise ConfigError(f"config file {path}: cannot read it ({e.strerror or e})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML is UTF-8; tomllib raises the codec's error
         raise ConfigError(f"config file {path}: {e}") from None
 
 

@@ -174,10 +174,12 @@ class VideoPoet:
         """An LLM export, and the super-resolution exports `sr` to cascade after it, lowest resolution first
         (`sr_text_encoder`: the text encoder folder of stages conditioned on one, see `SuperResStage.load`)."""
         model_dir = Path(model_dir)
-        extra = read_metadata(model_dir)["extra"]
+        meta = read_metadata(model_dir)
+        extra = meta["extra"]
         tokenizers = extra.get("tokenizers")
-        if not tokenizers:
-            raise ValueError(f"{model_dir}: not an LLM export of `videopoet train llm` (no tokenizer record)")
+        if meta["kind"] != "llm" or not tokenizers:  # a super-resolution export records tokenizers too
+            raise ValueError(f"{model_dir}: not an LLM export of `videopoet train llm` (kind {meta['kind']!r}"
+                             f"{'' if tokenizers else ', no tokenizer record'})")
         video_dir = _local(tokenizers["video"]["location"])
         video = load_checkpoint(video_dir, device)
         audio = load_checkpoint(_local(tokenizers["audio"]["location"]), device) if tokenizers.get("audio") else None

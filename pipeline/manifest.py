@@ -193,7 +193,14 @@ def _core(table: pa.Table, location: str, base: str, offset: int) -> tuple[dict[
     if path_column is None:
         raise ManifestError(f"manifest {redact(location)} has no path column (one of {PATH_COLUMNS}); "
                             f"columns: {table.column_names}")
-    sources = _flat(table.column(path_column).cast(pa.string()))
+
+    def text(column: str) -> pa.Array:
+        try:
+            return _flat(table.column(column).cast(pa.string()))
+        except pa.ArrowInvalid as e:  # a CSV column that is not UTF-8 reads as binary, which no cast turns to text
+            raise ManifestError(f"manifest {redact(location)}: column {column!r} is not UTF-8 text ({e})") from None
+
+    sources = text(path_column)
     empty = pc.fill_null(pc.equal(sources, ""), True)
     if pc.any(empty).as_py():
         row = offset + int(np.flatnonzero(empty.to_numpy(zero_copy_only=False))[0])
@@ -202,12 +209,11 @@ def _core(table: pa.Table, location: str, base: str, offset: int) -> tuple[dict[
     relative = pc.invert(pc.or_(pc.match_substring_regex(sources, URI_PATTERN), pc.starts_with(sources, "/")))
     resolved = _replace(sources, relative, lambda s: _join(base, s))
     written = _replace(sources, pc.match_substring_regex(sources, _SECRET), redact)
-    caption = (table.column("caption").cast(pa.string()) if "caption" in table.column_names
-               else pa.nulls(len(table), pa.string()))
+    caption = text("caption") if "caption" in table.column_names else pa.nulls(len(table), pa.string())
     caption = pc.if_else(pc.equal(pc.utf8_trim_whitespace(caption), ""), pa.scalar(None, pa.string()), caption)
     ids = written
     if "id" in table.column_names:  # rows without an id fall back to their source
-        ids = pc.coalesce(_flat(table.column("id").cast(pa.string())), written)
+        ids = pc.coalesce(text("id"), written)
     columns = {"id": ids, "path": resolved, "source": written, "caption": _flat(caption)}
     return columns, path_column
 

@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also let ffmpeg use this demuxer (e.g. hls: playlists open the files they name)")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="most pixels of a decoded frame")
     args = parser.parse_args(argv)
+    if not args.timeout > 0 or args.max_pixels < 1:  # an argument's error, not each file's (exit code 2, not 1)
+        parser.error(f"--timeout must be > 0 and --max-pixels >= 1, got {args.timeout} and {args.max_pixels}")
     failed = 0
     for path in args.files:
         try:

@@ -49,6 +49,10 @@ class Busy(RuntimeError):
     """An output folder that another running job holds."""
 
 
+class NotAFolder(ValueError):
+    """An output folder that cannot be one: it, or a folder above it, is a file."""
+
+
 # ---------------------------------------------------------------------------------------------------- URIs
 
 def is_uri(location: str) -> bool:
@@ -106,6 +110,22 @@ def resolve_filesystem(location: str) -> tuple[pa_fs.FileSystem, str]:
 
 def is_object_store(fs: pa_fs.FileSystem) -> bool:
     return fs.type_name in OBJECT_STORES
+
+
+def check_folder(location: str, what: str = "--out") -> str:
+    """`location`, unless it or (locally) a folder above it is a file (NotAFolder, naming `what`): an output folder
+    refused before any work rather than at its first write."""
+    fs, path = resolve_filesystem(location)
+    # Object stores have no folders, only key prefixes: only a key at the location itself is in the way.
+    entries = [Path(path), *Path(path).parents] if isinstance(fs, pa_fs.LocalFileSystem) else [path]
+    for entry in entries:
+        kind = fs.get_file_info(str(entry)).type
+        if kind == pa_fs.FileType.File:
+            where = "" if str(entry) == path else f": {entry}"
+            raise NotAFolder(f"{what} {redact(location)}{where} is a file, not a folder")
+        if kind == pa_fs.FileType.Directory:
+            break
+    return location
 
 
 # ---------------------------------------------------------------------------------------------------- writing

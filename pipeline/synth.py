@@ -29,7 +29,7 @@ from typing import Mapping
 import numpy as np
 
 from pipeline.config import load_config, to_json
-from pipeline.storage import save_text
+from pipeline.storage import check_folder, save_text
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue", "yellow")
@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--clips must be >= 1 and --seed >= 0, got {args.clips} and {args.seed}")
     try:
         cfg = load_config(SynthConfig, args.config, args.overrides, kind="synth")
-    except ValueError as e:  # ConfigError included: a bad file, key, type or value
+        check_folder(args.out)
+    except ValueError as e:  # ConfigError (a bad file, key, type or value) or NotAFolder (a file as --out)
         parser.error(str(e))
     began = time.perf_counter()
     rows = write_corpus(args.out, cfg, args.clips, args.seed)

@@ -1,4 +1,5 @@
 import os
+import urllib.request
 
 import pytest
 
@@ -23,8 +24,11 @@ def s3_env():
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    # moto keeps its buckets in process-wide state that outlives a server: start from none
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{server._server.server_port}"}
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_S3": endpoint}
     pa_fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL_S3"], access_key="testing", secret_key="testing",
                        region="us-east-1", allow_bucket_creation=True).create_dir("bucket")
     yield env
@@ -43,16 +47,25 @@ def s3(s3_env, monkeypatch):
 
 @pytest.fixture
 def trained_straight_and_resumed(tmp_path):
-    """`run(main, argv)`: trains to step 4 straight and to step 2 then resumed to 4 (into OUT/straight and
-    OUT/resumed), checks that both exports hold the same weights, and returns the resumed run's folder."""
+    """`run(main, argv, killed=None)`: trains to step 4 straight and to step 2 then resumed to 4 (into OUT/straight
+    and OUT/resumed), checks that both exports hold the same weights, and returns the resumed run's folder. With
+    `killed` (the app's Ray Train run name), a worker of the resumed run is SIGKILLed and Ray Train restarts the group
+    from the step-2 checkpoint (`train.max_failures = 1`), which must change nothing."""
     import torch
     from safetensors.torch import load_file
 
-    def run(main, argv):
+    from workers import run_killing_a_worker
+
+    def run(main, argv, killed=None):
         straight, resumed = tmp_path / "straight", tmp_path / "resumed"
         assert main([*argv, "--out", str(straight), "--steps", "4"]) == 0
         assert main([*argv, "--out", str(resumed), "--steps", "2"]) == 0
-        assert main([*argv, "--out", str(resumed), "--steps", "4"]) == 0
+        final = [*argv, "--out", str(resumed), "--steps", "4"]
+        if killed is None:
+            assert main(final) == 0
+        else:
+            final += ["--set", "train.max_failures=1"]
+            run_killing_a_worker(lambda: main(final), resumed / "ray" / killed)
         a = load_file(str(straight / "model" / "model.safetensors"))
         b = load_file(str(resumed / "model" / "model.safetensors"))
         assert a.keys() == b.keys()
@@ -73,7 +86,7 @@ def shards(ray_local, tmp_path_factory):
     from pipeline.quantizers import RVQConfig
     from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
     from pipeline.synth import SynthConfig, write_corpus
-    from tokenize_jobs.job import main as tokenize
+    from tokenize_jobs.cli import tokenize
 
     root = tmp_path_factory.mktemp("llm-data")
     write_corpus(root / "corpus", SynthConfig(width=48, height=32, fps=8, frames=17), 10, seed=0)

@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.media import MediaConfig, decode
 from pipeline.tracking import search_runs
-from apps.demo import DemoConfig, main
+from apps.cli import demo as main
+from apps.demo import DemoConfig
 
 STAGES = {"synth", "check", "video_tokenizer", "audio_tokenizer", "tokenize", "llm", "superres", "generate", "eval"}
 

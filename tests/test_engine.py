@@ -152,8 +152,9 @@ class SameDataRecipe(TinyRecipe):
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_zero3_resumes_at_another_worker_count(tmp_path, ray_local, before, after):
+def test_zero3_resumes_at_another_worker_count(tmp_path, ray_local):
+    """Two workers for 2 steps, one for the next 2, two again for the last 2 (a node lost, then one added): the same
+    weights as 6 steps on one worker, so Adam's moments and the step count came through both reshards."""
     from ray import cloudpickle
 
     from pipeline.tracking import NullRun
@@ -163,15 +164,17 @@ def test_zero3_resumes_at_another_worker_count(tmp_path, ray_local, before, afte
 
     def run(name, steps, workers):
         class App:
-            train = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, checkpoint_every=2,
-                                workers=workers, progress=False, system_metrics_s=0)
+            # A constant rate after warmup: the cosine schedule depends on `steps`, which each leg of the chain sets
+            train = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, min_lr_ratio=1.0,
+                                checkpoint_every=2, workers=workers, progress=False, system_metrics_s=0)
             deepspeed = DeepSpeedConfig(zero_stage=3)
 
-        return final_weights(fit(name, SameDataRecipe, App, str(tmp_path), NullRun(), {}))[0]
+        return final_weights(fit(name, SameDataRecipe, App, str(tmp_path), NullRun(), {}))
 
-    straight = run("straight", 4, after)
-    run("resized", 2, before)
-    resized = run("resized", 4, after)  # Adam's moments must come through the reshard: 2 more steps from them
+    straight, _ = run("straight", 6, 1)
+    for steps, workers in ((2, 2), (4, 1), (6, 2)):
+        resized, step = run("resized", steps, workers)
+        assert step == steps
     assert straight.keys() == resized.keys()
     for key in straight.keys() - {"seen"}:  # `seen` draws from each rank's own generator: no fixed value to meet
         torch.testing.assert_close(straight[key], resized[key], rtol=0, atol=1e-5)

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from eval.fvd import frechet_distance
 from eval.oracle_classifier import UNREADABLE, OracleAttributeClassifier
 from eval.prompts import load_prompts, render_condition, sample_rows
-from eval.stage import EvalConfig, main
+from eval.cli import main
+from eval.stage import EvalConfig
 from pipeline.config import load_config
 from pipeline.media import MediaConfig
 from pipeline.oracle import read_attributes

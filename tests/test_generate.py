@@ -14,7 +14,7 @@ from pipeline.media import MediaConfig, decode, write_video
 from pipeline.sequence import Task
 from pipeline.superres import SuperResConfig, SuperResTransformer
 from pipeline.text import TextConfig, WordVocabulary
-from apps.generate import main
+from apps.cli import generate as main
 
 MEDIA = MediaConfig(height=32, width=32)
 

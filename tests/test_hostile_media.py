@@ -38,7 +38,8 @@ from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.storage import exclusive, owner_record
 from pipeline.synth import SynthConfig, write_corpus
 from pipeline.decode import DecodeClips
-from tokenize_jobs.job import TokenizeConfig, main as tokenize
+from tokenize_jobs.cli import tokenize
+from tokenize_jobs.job import TokenizeConfig
 
 DEBUG = load_config(TokenizeConfig, "debug", kind="tokenize").media
 MB = 1 << 20

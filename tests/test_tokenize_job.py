@@ -38,8 +38,9 @@ from pipeline.shards import JOBS_DIR, SCHEMA, ShardError, open_shards, shard_fil
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.synth import SynthConfig, write_corpus
 from pipeline.text import ENCODER_FILE, WORDS_FILE, FrozenTextEncoder, WordVocabulary
-from tokenize_jobs import shards_cli
-from tokenize_jobs.job import TokenizeConfig, TokenizeJob, main
+from tokenize_jobs.cli import shards as shards_command
+from tokenize_jobs.cli import tokenize as main
+from tokenize_jobs.job import TokenizeConfig, TokenizeJob
 from pipeline.structure import structure_video
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real"
@@ -203,16 +204,16 @@ def test_shards_load_with_pyarrow_ray_and_datasets(tokenized, ray_local, tmp_pat
 
 
 def test_shards_info(tokenized, capsys):
-    assert shards_cli.main(["info", str(tokenized), "--json"]) == 0
+    assert shards_command(["info", str(tokenized), "--json"]) == 0
     (report,) = json.loads(capsys.readouterr().out)["tokenizations"]
     assert report["clips"] == 12 and report["files"] == 6 and report["status"] == "done"
     assert report["tokens"]["video"]["shapes"] == {"5x4x4": 12} and report["tokens"]["video"]["tokens"] == 960
     assert report["tokens"]["audio"]["clips"] == 12 and report["tokenizers"]["video"]["codebook_size"] == 256
     assert 0 < report["tokens"]["video"]["used_fraction"] <= 1 and report["errors"]["count"] == 0
-    assert shards_cli.main(["info", str(only_fingerprint(tokenized))]) == 0
+    assert shards_command(["info", str(only_fingerprint(tokenized))]) == 0
     text = capsys.readouterr().out
     assert report["fingerprint"] in text and "video tokens: 12 clips (5x4x4 x12)" in text
-    assert shards_cli.main(["info", str(tokenized / "missing")]) == 2
+    assert shards_command(["info", str(tokenized / "missing")]) == 2
 
 
 def test_new_tokenizer_writes_a_new_fingerprint_with_optional_outputs(ray_local, corpus, tokenizers, text_encoder,
@@ -256,7 +257,7 @@ def test_new_tokenizer_writes_a_new_fingerprint_with_optional_outputs(ray_local,
         open_shards(str(out))
     with pytest.raises(ShardError, match="refusing to mix tokenizer fingerprints"):
         open_shards([str(first), str(second)])
-    assert shards_cli.main(["info", str(out)]) == 0
+    assert shards_command(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.count("text embeddings: 4 clips, width 8") == 2 and "hr_video tokens: 4 clips (5x8x8 x4)" in text
     assert first.name in text and second.name in text
@@ -401,7 +402,7 @@ def test_the_whole_real_corpus(ray_local, tokenizers, tmp_path, capsys):
     assert all(r["audio_shape"] == [4, 106] for r in clips["flipping_a_pancake.mkv"])
     assert clips["video_90.mov"][0]["padded_frames"] > 0
     assert len({r["clip_id"] for r in rows}) == len(rows)
-    assert shards_cli.main(["info", str(out)]) == 0
+    assert shards_command(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "errors: 4 (corrupt 1, empty 1, no_video 2)" in text and "status done" in text
 
@@ -540,7 +541,7 @@ def test_a_grown_manifest_tokenizes_only_its_new_inputs_exactly_once_through_a_s
     job = json.loads((out / JOBS_DIR / folder.name / "job.json").read_text())
     assert [(g["inputs"], g["first_shard"], g["shards"]) for g in job["generations"]] == [(3, 0, 3), (3, 3, 3)]
     assert job["status"] == "done" and job["inputs"] == 6 and job["clips"] == 12
-    assert shards_cli.main(["info", str(out)]) == 0
+    assert shards_command(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "generations: 2: 3 inputs in shards 0-2" in text and "3 inputs in shards 3-5" in text
     assert "clips: 12" in text and "inputs: 6 (6 ok" in text

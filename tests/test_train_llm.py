@@ -67,9 +67,8 @@ def test_adaptation_starts_from_the_pretrained_export(shards, tmp_path):
 
     assert main([*common, "--out", str(tmp_path / "adapted"), "--steps", "2", "--init",
                  str(tmp_path / "base" / "model")]) == 0
-    assert main([*common, "--out", str(tmp_path / "fresh"), "--steps", "2"]) == 0
-    adapted, fresh = first_losses(tmp_path / "adapted"), first_losses(tmp_path / "fresh")
-    assert adapted[0] < base[-1] + 0.5 and adapted[0] < fresh[0] - 1.0
+    adapted = first_losses(tmp_path / "adapted")
+    assert adapted[0] < base[-1] + 0.5 and adapted[0] < base[0] - 1.0  # base[0]: the same model and batch, fresh
     assert read_metadata(tmp_path / "adapted" / "model")["extra"]["init_fingerprint"] == \
         read_metadata(tmp_path / "base" / "model")["fingerprint"]
 
@@ -80,7 +79,7 @@ def test_adaptation_starts_from_the_pretrained_export(shards, tmp_path):
 
 def run_app(args, env):
     """The app in its own process (and its own embedded Ray), as `videopoet` runs; its exit code and output."""
-    proc = subprocess.Popen([sys.executable, "-m", "train.llm", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "llm", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env={**os.environ, **env, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
                             start_new_session=True)
     try:
@@ -91,12 +90,12 @@ def run_app(args, env):
     return proc.returncode, output
 
 
-def test_a_run_folder_on_object_storage(shards, tmp_path, s3_env):
+def test_a_run_folder_on_object_storage(shards, tmp_path, s3_env, s3, capsys):
     out = "s3://bucket/runs/llm"
     common = ["--config", "debug", "--data", str(shards), "--out", out, "--workers", "1",
               "--set", "mixture.weights={text_to_video = 1.0}", "--set", "train.checkpoint_every=2"]
-    code, output = run_app([*common, "--steps", "2"], s3_env)
-    assert code == 2 and "set tracking.uri to a tracking server" in output, output[-2000:]
+    assert main(["llm", *common, "--steps", "2"]) == 2  # refused before Ray starts: no local folder for mlflow.db
+    assert "set tracking.uri to a tracking server" in capsys.readouterr().err
     tracked = [*common, "--set", f"tracking.uri='sqlite:///{tmp_path / 'mlflow.db'}'"]
     code, output = run_app([*tracked, "--steps", "2"], s3_env)
     assert code == 0, output[-3000:]

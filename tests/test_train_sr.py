@@ -15,7 +15,7 @@ from pipeline.shards import open_shards
 from pipeline.superres import SuperResConfig
 from pipeline.synth import SynthConfig, write_corpus
 from pipeline.tracking import search_runs
-from tokenize_jobs.job import main as tokenize
+from tokenize_jobs.cli import tokenize
 from train.cli import main
 from train.superres import SRTrainConfig, check_shards
 
@@ -38,9 +38,9 @@ def hr_shards(ray_local, tmp_path_factory):
     return root / "shards"
 
 
-def test_sr_trains_resumes_exactly_and_exports(hr_shards, trained_straight_and_resumed):
+def test_sr_trains_resumes_exactly_through_a_killed_worker_and_exports(hr_shards, trained_straight_and_resumed):
     resumed = trained_straight_and_resumed(main, ["sr", "--config", "debug", "--data", str(hr_shards),
-                                                  "--workers", "2"])
+                                                  "--workers", "2"], killed="superres")
     load_checkpoint(resumed / "model")  # checks the weights against the recorded fingerprint
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["steps"] == 4

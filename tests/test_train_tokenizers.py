@@ -10,6 +10,7 @@ from pipeline.checkpoint import load_checkpoint, read_metadata
 from pipeline.synth import SynthConfig, write_corpus
 from pipeline.tracking import search_runs
 from train.cli import main
+from workers import run_killing_a_worker
 
 pytestmark = pytest.mark.heavy
 
@@ -32,13 +33,15 @@ DISCRIMINATOR = ["--set", "discriminator.enabled=true", "--set", "discriminator.
                  "--set", "discriminator.adaptive_weight=true"]
 
 
-def test_video_tokenizer_trains_and_resumes_exactly(corpus, tmp_path, ray_local):
+def test_video_tokenizer_trains_and_resumes_exactly_through_a_killed_worker(corpus, tmp_path, ray_local):
     common = ["video-tokenizer", "--config", "debug", "--manifest", str(corpus), "--workers", "2", *DISCRIMINATOR]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main([*common, "--out", str(straight), "--steps", "6"]) == 0
     assert main([*common, "--out", str(resumed), "--steps", "4"]) == 0
     assert json.loads((resumed / "summary.json").read_text())["steps"] == 4
-    assert main([*common, "--out", str(resumed), "--steps", "6"]) == 0  # picks up the step-4 checkpoint
+    # Picks up the step-4 checkpoint; a worker killed meanwhile makes Ray Train restart the group from it again.
+    final = [*common, "--out", str(resumed), "--steps", "6", "--set", "train.max_failures=1"]
+    run_killing_a_worker(lambda: main(final), resumed / "ray" / "video_tokenizer")
 
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["steps"] == 6

@@ -49,8 +49,9 @@ from pipeline.config import ConfigError, from_dict, load_config, to_dict
 from pipeline.media import LIMIT_FIELDS, MediaConfig
 from pipeline.shards import (ERRORS_SCHEMA, JOBS_DIR, LEGACY_JOBS_DIR, RECORD_SCHEMA, ShardError, ShardMeta,
                              clips_table, fingerprint_of, shard_index, shard_name)
-from pipeline.storage import (Busy, UnsafeUri, exclusive, is_uri, open_atomic, owner_record, read_json, redact,
-                              redact_values, remove_temporaries, resolve_filesystem, write_json, write_table)
+from pipeline.storage import (Busy, NotAFolder, UnsafeUri, check_folder, exclusive, is_uri, open_atomic, owner_record,
+                              read_json, redact, redact_values, remove_temporaries, resolve_filesystem, write_json,
+                              write_table)
 from pipeline.tracking import TrackingConfig, start_run
 from tokenize_jobs.plan import Generation, Plan, PlanError, Planner, WorkSource, shard_inputs
 from tokenize_jobs.stages import (AudioTokenizer, Decode, TextEncoder, VideoTokenizer, add_structure,
@@ -254,7 +255,7 @@ class TokenizeJob:
         media = {k: v for k, v in to_dict(cfg.media).items() if k not in LIMIT_FIELDS}  # limits do not change tokens
         self.settings = {"media": media, "hr": cfg.hr, "structure": cfg.structure}
         self.fingerprint = fingerprint_of(self.tokenizers, self.settings)
-        self.fs, root = resolve_filesystem(self.out)
+        self.fs, root = resolve_filesystem(check_folder(self.out))
         self.shard_dir = posixpath.join(root, self.fingerprint)
         self.job_dir = posixpath.join(root, JOBS_DIR, self.fingerprint)
         self.job_file = posixpath.join(self.job_dir, "job.json")
@@ -563,26 +564,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="videopoet tokenize", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manifest", required=True, help="corpus manifest (JSONL, CSV, Parquet, HF folder; or URI)")
-    parser.add_argument("--out", required=True, help="output folder or URI; shards go to OUT/<fingerprint>/")
-    parser.add_argument("--video-tokenizer", required=True, help="MAGVIT checkpoint folder (or URI)")
-    parser.add_argument("--audio-tokenizer", help="SoundStream checkpoint folder (or URI); without it no audio tokens")
-    parser.add_argument("--config", default="demo", help="flavor (debug, demo, paper) or a TOML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set media.max_clips=4 or --set batch_size=16")
-    parser.add_argument("--inputs-per-shard", type=int, help="inputs per shard (inputs_per_shard)")
-    parser.add_argument("--max-error-fraction", type=float, help="fail the job above this share of failed inputs")
-    parser.add_argument("--text-encoder", help="frozen text encoder folder (pipeline.text): also write caption "
-                                               "embeddings")
-    parser.add_argument("--hr", action="store_true", help="also write 2x video tokens, for super-resolution")
-    parser.add_argument("--structure", action="store_true", help="also write structure-video tokens, for stylization")
-    parser.add_argument("--tracking-uri", help="log the summary to this MLflow tracking URI")
-    parser.add_argument("--track", action="store_true", help=f"log the summary to MLflow in OUT/{JOBS_DIR}/mlflow.db")
-    parser.add_argument("--parent-run-id", help="log as a child run of this MLflow run")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`videopoet tokenize` with its arguments parsed (`tokenize_jobs.cli`)."""
     overrides = list(args.overrides)
     for flag, key in ((args.inputs_per_shard, "inputs_per_shard"), (args.max_error_fraction, "max_error_fraction")):
         if flag is not None:
@@ -603,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = job.run()
         if cfg.tracking.enabled:
             _track(cfg, args.out, summary, args.parent_run_id)
-    except (TokenizeError, ShardError, UnsafeUri, Busy) as e:
+    except (TokenizeError, ShardError, UnsafeUri, NotAFolder, Busy) as e:
         print(f"videopoet tokenize: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary), flush=True)
@@ -616,5 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m tokenize_jobs.job`, as under `ray job submit`
+    from tokenize_jobs.cli import tokenize
+
+    raise SystemExit(tokenize())

@@ -129,8 +129,11 @@ def token_stats(fs: pa_fs.FileSystem, files: list[str], tokenizers: dict[str, An
 def info(location: str) -> list[dict[str, Any]]:
     """One report per tokenization under `location` (a job's OUT, or one OUT/<fingerprint> folder)."""
     fs, path = resolve_filesystem(location)
-    if fs.get_file_info(path).type == pa_fs.FileType.NotFound:
+    kind = fs.get_file_info(path).type
+    if kind == pa_fs.FileType.NotFound:
         raise ShardError(f"shards info: {location} does not exist")
+    if kind == pa_fs.FileType.File:
+        raise ShardError(f"shards info: {location} is a file; give a tokenize job's OUT folder or OUT/<fingerprint>")
     name = posixpath.basename(path.rstrip("/"))
     if is_fingerprint(name):
         return [tokenization_info(location.rstrip("/")[: -len(name) - 1], fs, posixpath.dirname(path), name)]
@@ -175,14 +178,8 @@ def format_info(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="videopoet shards", description="Inspect token shards.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    info_parser = commands.add_parser("info", help="counts, token statistics, fingerprints and errors",
-                                      description=__doc__.split("\n\n")[1])
-    info_parser.add_argument("out", help="a tokenize job's OUT folder, or OUT/<fingerprint>")
-    info_parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`videopoet shards` with its arguments parsed (`tokenize_jobs.cli`)."""
     try:
         reports = info(args.out)
     except ShardError as e:
@@ -194,6 +191,3 @@ def main(argv: list[str] | None = None) -> int:
         print("\n\n".join(format_info(r) for r in reports))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

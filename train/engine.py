@@ -21,7 +21,6 @@ and its validation. The engine owns everything else, the same way for every app:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import from_dict, load_config, to_dict
+from pipeline.config import from_dict, to_dict
 from pipeline.storage import is_uri
 from pipeline.tracking import NullRun, attach
 
@@ -352,6 +351,16 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def _unlink_shared_memory(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm buffer per rank and never unlinks it: every run would leave
+    one per worker behind until /dev/shm fills. Once every rank has its engines (after the barrier), every rank has
+    mapped its peers' buffers, and unlinking this rank's name keeps the mappings."""
+    torch.distributed.barrier()
+    env = os.environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 def worker_loop(config: dict[str, Any]) -> None:
     """The body of every Ray Train worker: build the recipe and its engines, resume, train, checkpoint."""
     import ray.train
@@ -374,6 +383,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         print(f"[{config['name']}] resuming step {state['step']} of {state['world_size']} workers on {world_size}: "
               "resharding the checkpoint (DeepSpeed universal checkpoint)", flush=True)
     engines = {name: _build_engine(module, train, ds, universal=reshard) for name, module in recipe.modules().items()}
+    _unlink_shared_memory(rank)
     start = 0
     if state is not None:
         restore_checkpoint(engines, reshard)
@@ -471,26 +481,3 @@ def final_weights(result) -> tuple[dict[str, torch.Tensor], int]:
 
 def result_metrics(result) -> dict[str, float]:
     return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-
-
-def add_run_arguments(parser: argparse.ArgumentParser, flavors: str = "debug, demo, paper") -> None:
-    """The options every training app shares: config, overrides, run folder, steps and workers."""
-    parser.add_argument("--config", default="demo", help=f"flavor ({flavors}) or a TOML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.lr=1e-3")
-    parser.add_argument("--out", required=True, help="run folder; re-running with the same folder resumes")
-    parser.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
-    parser.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines (train.progress = false)")
-
-
-def app_config(cls: type, args: argparse.Namespace, kind: Mapping[str, str]) -> Any:
-    """The app's config from `add_run_arguments` options; raises ConfigError or ValueError naming the problem."""
-    overrides = list(args.overrides)
-    if args.steps is not None:
-        overrides.append(f"train.steps={args.steps}")
-    if args.workers is not None:
-        overrides.append(f"train.workers={args.workers}")
-    if args.quiet:
-        overrides.append("train.progress=false")
-    return load_config(cls, args.config, overrides, kind=kind)

@@ -34,9 +34,10 @@ from pipeline.storage import Busy, save_text
 from pipeline.text import WORDS_FILE, TextConfig, WordVocabulary, load_text_conditioner, stack_embeddings
 from pipeline.tracking import TrackingConfig
 from pipeline.vocab import Vocabulary
+from train.cli import app_config
 from train.data import log_lineage, shard_columns, split_datasets
-from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, all_reduce_mean,
-                          app_config, final_weights, fit, result_metrics)
+from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, all_reduce_mean, final_weights, fit,
+                          result_metrics)
 from train.flops import matmul_peak_flops, transformer_flops_per_token
 from train.mixture import Mixture, MixtureConfig, Row, check_inputs, collate, rows_from_table
 from train.runs import EXPORT_CACHE, RunFolder, local_export, log_export, open_run, write_run_config, write_summary
@@ -193,6 +194,7 @@ def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, paren
     folder = RunFolder(out)
     shards = open_shards(data)
     init = local_export(app.init, EXPORT_CACHE) if app.init else None
+    init_meta = init_metadata(app.init, init) if init else {}  # before its words are read
     with folder.hold("llm"):
         table = shards.to_table(["caption", "has_audio"])
         check_inputs(app.mixture, available_inputs(shards, table), f"the shards {data}")
@@ -204,7 +206,7 @@ def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, paren
             folder.write_text(WORDS_FILE, words)
         text = WordVocabulary.from_json(words) if words else load_text_conditioner(app.text)
         model_cfg = replace(app.model, vocab=vocabulary_for(shards, text.text_size))
-        origin = check_init(app.init, init, model_cfg, shards) if init else {}
+        origin = check_init(app.init, init_meta, model_cfg, shards) if init else {}
         write_run_config(folder, {**to_dict(app), "model": to_dict(model_cfg)})
 
         run = open_run(app, folder, "llm", parent)
@@ -239,13 +241,21 @@ def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, paren
         return summary
 
 
-def check_init(location: str, local: Path, model_cfg: LLMConfig, shards: ShardSet) -> dict[str, str]:
-    """What the run records of the export it starts from (`local`, its copy here); refuses one that does not fit
-    this run, saying what differs (architecture, vocabulary, tokenizers)."""
-    meta = read_metadata(local)
-    where = f"--init {location}"
+def init_metadata(location: str, local: Path) -> dict[str, Any]:
+    """The metadata of the export `location` (`local`, its copy here); refuses a folder that is no LLM export."""
+    try:
+        meta = read_metadata(local)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--init {location}: {e}") from None
     if meta["kind"] != "llm":
-        raise ValueError(f"{where}: a {meta['kind']} export, not an LLM one")
+        raise ValueError(f"--init {location}: a {meta['kind']} export, not an LLM one")
+    return meta
+
+
+def check_init(location: str, meta: dict[str, Any], model_cfg: LLMConfig, shards: ShardSet) -> dict[str, str]:
+    """What the run records of the export it starts from (`meta`, see `init_metadata`); refuses one that does not
+    fit this run, saying what differs (architecture, vocabulary, tokenizers)."""
+    where = f"--init {location}"
     theirs = from_dict(LLMConfig, meta["config"])
     if theirs.vocab != model_cfg.vocab:
         raise ValueError(f"{where}: its vocabulary {to_dict(theirs.vocab)} differs from the one these shards and "
@@ -267,12 +277,8 @@ def _parameters(cfg: LLMConfig) -> int:
         return VideoPoetLM(cfg).num_params()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="videopoet train llm", description=__doc__.split("\n\n")[0])
-    add_run_arguments(parser, "debug, demo, 300m, 1b, 8b, paper")
-    parser.add_argument("--data", required=True, nargs="+", help="token shards: a tokenize job's OUT or its folders")
-    parser.add_argument("--init", metavar="EXPORT", help="start from this LLM export (stage-2 adaptation; init)")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`videopoet train llm` with its arguments parsed (`train.cli`)."""
     if args.init:
         args.overrides.append(f"init={json.dumps(args.init)}")
     try:
@@ -283,10 +289,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(summary, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    # Ray pickles classes of `__main__` by value, without this module's globals: run the module by its import name.
-    from train.llm import main as module_main
-
-    raise SystemExit(module_main())

@@ -19,7 +19,8 @@ from typing import Any, Iterator, Mapping
 import pyarrow.fs as pa_fs
 
 from pipeline.checkpoint import CONFIG_FILE, read_metadata
-from pipeline.storage import exclusive, is_uri, owner_record, redact, redact_values, resolve_filesystem, write_atomic
+from pipeline.storage import (check_folder, exclusive, is_uri, owner_record, redact, redact_values, resolve_filesystem,
+                              write_atomic)
 from pipeline.tracking import RUN_FILE, attach, start_run
 
 RUN_CONFIG_FILE = "run_config.json"  # the app's resolved config
@@ -33,7 +34,7 @@ class RunFolder:
         location = str(location)
         self.remote = is_uri(location)
         self.location = location.rstrip("/") if self.remote else str(Path(location).resolve())
-        self.fs, self.root = resolve_filesystem(self.location)
+        self.fs, self.root = resolve_filesystem(check_folder(self.location))
 
     def __str__(self) -> str:
         return redact(self.location)

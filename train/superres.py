@@ -39,10 +39,11 @@ from pipeline.superres import SuperResConfig, SuperResTransformer
 from pipeline.storage import save_text
 from pipeline.text import WORDS_FILE, TextConditioner, TextConfig, WordVocabulary, load_text_conditioner
 from pipeline.tracking import TrackingConfig
+from train.cli import app_config
 from train.data import log_lineage, shard_columns, split_datasets
 from pipeline.storage import Busy
-from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, all_reduce_mean,
-                          app_config, final_weights, fit, result_metrics)
+from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, all_reduce_mean, final_weights, fit,
+                          result_metrics)
 from train.runs import RunFolder, log_export, open_run, write_run_config, write_summary
 
 TOKEN_COLUMNS = ["clip_id", "caption", "split", "video_tokens", "video_shape", "hr_video_tokens", "hr_video_shape"]
@@ -235,12 +236,8 @@ def train_sr(app: SRTrainConfig, data: str | list[str], out: str | Path, parent=
         return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="videopoet train sr", description=__doc__.split("\n\n")[0])
-    add_run_arguments(parser)
-    parser.add_argument("--data", required=True, nargs="+", help="token shards written with --hr: a tokenize job's "
-                                                                  "OUT or its folders")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`videopoet train sr` with its arguments parsed (`train.cli`)."""
     try:
         app = app_config(SRTrainConfig, args, {"": "train_sr", "model": "superres"})
         summary = train_sr(app, args.data if len(args.data) > 1 else args.data[0], args.out)
@@ -249,10 +246,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(summary, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    # Ray pickles classes of `__main__` by value, without this module's globals: run the module by its import name.
-    from train.superres import main as module_main
-
-    raise SystemExit(module_main())

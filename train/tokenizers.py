@@ -46,8 +46,8 @@ from pipeline.metrics import codebook_usage, psnr, sharpness, si_snr, ssim
 from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
 from pipeline.tracking import TrackingConfig
 from pipeline.storage import Busy
-from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, add_run_arguments, app_config,
-                          final_weights, fit, result_metrics)
+from train.cli import app_config
+from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, final_weights, fit, result_metrics)
 from train.runs import EXPORT_CACHE, RunFolder, local_export, log_export, open_run, write_run_config, write_summary
 
 
@@ -478,13 +478,13 @@ def train_tokenizer(modality_name: str, app: Any, manifest: str, out: str | Path
     origin = check_init_image(app) if getattr(app, "init_image", "") else {}
     if getattr(app, "perceptual", PerceptualConfig()).path:
         load_perceptual_network(app.perceptual.path)
+    table = read_manifest(manifest)  # and the manifest read: a bad one leaves no run folder or MLflow run behind
     folder = RunFolder(out)
     with folder.hold(name):
         write_run_config(folder, to_dict(app))
         run = open_run(app, folder, name, parent)
         began = time.perf_counter()
         with run:
-            table = read_manifest(manifest)
             train_ds, val_ds, failed = clip_datasets(table, app.media, app.val_clips)
             run.log_metrics({"train_clips": train_ds.count(), "val_clips": val_ds.count(),
                              "failed_inputs": len(failed)})
@@ -508,16 +508,10 @@ def train_tokenizer(modality_name: str, app: Any, manifest: str, out: str | Path
         return summary
 
 
-def main(argv: list[str] | None = None, modality_name: str = "video") -> int:
+def run(args: argparse.Namespace) -> int:
+    """`videopoet train video-tokenizer` or `audio-tokenizer` with its arguments parsed (`train.cli`)."""
+    modality_name = args.modality
     modality = MODALITIES[modality_name]
-    parser = argparse.ArgumentParser(prog=f"videopoet train {modality_name}-tokenizer",
-                                     description=f"Train the {modality_name} tokenizer on Ray Train.")
-    add_run_arguments(parser)
-    parser.add_argument("--manifest", required=True, help="corpus manifest (JSONL, CSV, Parquet or HF dataset)")
-    if modality_name == "video":
-        parser.add_argument("--init-image", metavar="EXPORT", help="start from this image tokenizer (trained with "
-                                                                     "--set mode=image), inflated (init_image)")
-    args = parser.parse_args(argv)
     if getattr(args, "init_image", None):
         args.overrides.append(f"init_image={json.dumps(args.init_image)}")
     try:

@@ -4,7 +4,8 @@ Every file is decoded with the media module at the clip settings the video token
 8 fps, 17-frame clips, 16 kHz mono); each clip goes through encode -> decode and is compared with its decoded input
 (`pipeline.metrics`: PSNR over uint8 pixels of whole clips, SSIM per frame, SI-SNR with both signals mean-removed).
 Audio-only files are cut into clip-length windows for SI-SNR; files that yield nothing are listed with their error
-and skipped (the clips decoded before damage count); silent clips get no SI-SNR. The last line is one JSON object: per file and over all clips (PSNR of the pooled squared error, SI-SNR averaged over clips).
+and skipped (the clips decoded before damage count); silent clips get no SI-SNR. The last line is one JSON object:
+per file and over all clips (PSNR of the pooled squared error, SI-SNR averaged over clips).
 
     python benchmarks/tokenizer_quality.py --video-tokenizer RUN/video_tokenizer/tokenizer \
         [--audio-tokenizer RUN/audio_tokenizer/tokenizer] FILE_OR_FOLDER... [--max-clips 4]

@@ -3,13 +3,16 @@
 Precedence: `--set section.key=value` overrides beat the TOML file, which beats the dataclass defaults. A named
 flavor (`debug`, `demo`, `paper`) is a TOML file shipped in `pipeline/configs/<kind>/<flavor>.toml`, so
 `--config demo` and `--config path/to/file.toml` go through the same code. Unknown keys and wrong types are errors
-that name the offending key.
+that name the offending key. Every number in a config is a size, count, rate, weight, probability, seed or time, so
+besides each dataclass's own checks (`__post_init__`, whose messages come first), a number that is negative, NaN or
+infinite is refused at load, naming its key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -103,13 +106,28 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known keys of {cls.__name__}: {known})")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{cls.__name__}: {e}") from None
     except ConfigError:
         raise
     except ValueError as e:  # a dataclass's own check (`__post_init__`): say which section of the file it is
         raise ConfigError(f"{prefix.rstrip('.')}: {e}" if prefix else str(e)) from None
+    for name, value in kwargs.items():
+        _check_numbers(value, f"{prefix}{name}")
+    return cfg
+
+
+def _check_numbers(value: Any, key: str) -> None:
+    """Refuse a negative or non-finite number in a field's value (nested sections check their own)."""
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_numbers(item, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_numbers(item, f"{key}.{name}")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -12,8 +12,8 @@ parameters fails that row when it is read (`unsafe_uri`).
 
 `iter_manifest` yields MANIFEST_SCHEMA: the columns above, `split` (null when absent) and `extras`, the row's other
 columns as one JSON object without its null values (null when nothing is left), so that a row's extras do not depend
-on the rows read with it; CSV values are read as text, an empty one as null. Only `read_manifest` checks ids for duplicates: a stream
-cannot, and its reader (the tokenize job's planner) does.
+on the rows read with it; CSV values are read as text, an empty one as null. Only `read_manifest` checks ids for
+duplicates: a stream cannot, and its reader (the tokenize job's planner) does.
 """
 
 from __future__ import annotations

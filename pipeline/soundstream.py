@@ -13,9 +13,10 @@ Training: `loss(x)` = waveform L1 + multi-scale mel-spectrogram loss + RVQ commi
 term is L1 on mel magnitudes plus the RMS over mel bins of the log-mel difference, averaged over frames. SoundStream
 sums log-mel distances over bins with weight sqrt(s / 2) and a tiny floor; on tonal signals that lets the noise in
 near-silent bins dominate and stalls the waveform (SI-SNR) for hundreds of steps, hence RMS and a floor of
-`LOG_MEL_FLOOR`. The waveform term is what aligns phase (SI-SNR); small flavors weight the spectral term lightly. Networks learn low
-frequencies first: on the synthetic world's tones a small model trained for minutes reproduces the fundamental and
-drops every partial above ~500 Hz (the overtone that carries the clip's color), while SI-SNR still reads 10 dB.
+`LOG_MEL_FLOOR`. The waveform term is what aligns phase (SI-SNR); small flavors weight the spectral term lightly.
+Networks learn low frequencies first: on the synthetic world's tones a small model trained for minutes reproduces the
+fundamental and drops every partial above ~500 Hz (the overtone that carries the clip's color), while SI-SNR still
+reads 10 dB.
 `preemphasis_weight` adds an L1 term on pre-emphasized waveforms (`preemphasis`), which weighs an error by roughly
 its frequency; the demo flavor's weight recovers the overtones within the same budget.
 The RVQ codebooks learn by EMA inside forward in training mode (see `pipeline.quantizers`). The optional STFT

@@ -9,8 +9,11 @@ That is necessary, not sufficient, for an effect; the apps' own tests check what
 
 import ast
 import dataclasses
+import json
 import typing
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "cluster", "tokenize_jobs", "train", "eval", "apps")
@@ -100,3 +103,55 @@ def test_the_check_finds_an_unread_field():
 
     Settings.__module__ = "tests.nowhere"
     assert unread_fields([Settings], scan()) == ["tests.nowhere.Settings.enabled"]
+
+
+def leaves(data: dict, prefix: str = ""):
+    for name, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from leaves(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def bad_values(value) -> list:
+    """Values no field of that default's type accepts: a wrong type, and for numbers a negative and a NaN."""
+    if isinstance(value, bool):
+        return ["yes"]
+    if isinstance(value, int):
+        return [-1, "7"]
+    if isinstance(value, float):
+        return [-1.0, float("nan"), float("inf"), "0.5"]
+    if isinstance(value, str):
+        return [3]
+    return []
+
+
+def replaced(data: dict, key: str, value) -> dict:
+    data = json.loads(json.dumps(data))
+    node = data
+    *sections, name = key.split(".")
+    for section in sections:
+        node = node[section]
+    node[name] = value
+    return data
+
+
+def test_every_field_of_every_config_refuses_bad_values_at_load():
+    """Each app config (the demo's covers every stage), each field: a wrong type, a negative number, NaN or infinity
+    is refused when the config is loaded, before any work, by an error that names the field."""
+    from pipeline.config import ConfigError, from_dict, to_dict
+
+    checked, unnamed, accepted = 0, [], []
+    for cls in app_configs():
+        base = to_dict(cls())
+        for key, value in leaves(base):
+            for bad in bad_values(value):
+                try:
+                    from_dict(cls, replaced(base, key, bad))
+                    accepted.append(f"{cls.__name__} {key}={bad!r}")
+                except ConfigError as e:
+                    if key.split(".")[-1] not in str(e) and str(bad) not in str(e):
+                        unnamed.append(f"{cls.__name__} {key}={bad!r}: {e}")
+                checked += 1
+    assert not accepted and not unnamed, "\n".join(accepted + unnamed)
+    assert checked > 1000

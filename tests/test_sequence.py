@@ -279,7 +279,8 @@ TEXT = np.array([1, 2])
 
 @pytest.mark.parametrize("task, kwargs, error, message", [
     (Task.TEXT_TO_VIDEO, {"video": VIDEO + 32, "text": TEXT}, CodeError, r"text_to_video: video: .*first 32"),
-    (Task.VIDEO_TO_AUDIO, {"video": VIDEO, "audio": AUDIO + [[0], [8]]}, CodeError, r"video_to_audio: audio: .*\(1, 0\)"),
+    (Task.VIDEO_TO_AUDIO, {"video": VIDEO, "audio": AUDIO + [[0], [8]]}, CodeError,
+     r"video_to_audio: audio: .*\(1, 0\)"),
     (Task.STYLIZATION, {"video": VIDEO, "text": TEXT, "structure": VIDEO - 1}, CodeError,
      "stylization: structure video"),
     (Task.TEXT_TO_VIDEO, {"video": VIDEO, "text": np.array([10])}, CodeError, "text_to_video: text: .*first 10"),
@@ -345,7 +346,8 @@ def test_parse_rejects_misplaced_ids():
         parse_sequence(ids[:-1], layout)
     broken = ids.copy()
     broken[layout.span("output audio").start] = VOCAB.video_offset
-    with pytest.raises(MalformedSequenceError, match=r"\(output audio level 0\): expected an id in .*found video code 0"):
+    expected = r"\(output audio level 0\): expected an id in .*found video code 0"
+    with pytest.raises(MalformedSequenceError, match=expected):
         parse_sequence(broken, layout)
     broken = ids.copy()
     broken[layout.span("output video").stop] = Special.EOS

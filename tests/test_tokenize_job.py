@@ -324,7 +324,8 @@ def test_records_are_batched_checked_by_size_and_compacted(tokenizers, tmp_path,
 
     generations = [Generation(0, 10, 0, 5, 1, "0" * 64, "unused.jsonl", "t0")]
     summary = job.finish({"fingerprint": job.fingerprint}, generations)
-    assert (summary["shards"], summary["clips"], summary["inputs_failed"], summary["shards_with_clips"]) == (5, 12, 1, 4)
+    counts = (summary["shards"], summary["clips"], summary["inputs_failed"], summary["shards_with_clips"])
+    assert counts == (5, 12, 1, 4)
     assert summary["failed_examples"] == [{"shard": 3, "source": "x3.mp4", "id": "x3", "stage": "decode",
                                            "error_kind": "corrupt", "message": "bad", "clips_kept": 0}]
     (compacted,) = record_files(job.fs, job.records_dir)

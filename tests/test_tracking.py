@@ -20,7 +20,7 @@ def test_parent_and_child_runs_in_embedded_sqlite(tmp_path):
             child.log_metrics({"loss": 0.25}, step=2)
             child.log_dict({"a": 1}, "configs/stage.json")
         with pytest.raises(RuntimeError):
-            with parent.child("stage-b") as failing:
+            with parent.child("stage-b"):
                 raise RuntimeError("boom")
     assert (tmp_path / "mlflow.db").exists()
     runs = {r.info.run_name: r for r in search_runs(default_uri(tmp_path), "t")}

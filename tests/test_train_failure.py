@@ -33,7 +33,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(shards, tmp_path):
     # rank 0 logs the loss every 2 steps. The replacement workers resume at a registered checkpoint at or after the
     # one seen before the kill, so the steps up to it are logged once; a restart from scratch would log them twice.
     uri = f"sqlite:///{failed / 'mlflow.db'}"
-    (run,) = search_runs(uri, "videopoet")
+    (run,) = search_runs(uri, "videopoet")  # one run: the restarted workers continue it
+    assert run.data.metrics["system/node0/system_memory_usage_megabytes"] > 0  # sampled on the workers' node
     losses: dict[int, list[float]] = {}
     for metric in MlflowClient(uri).get_metric_history(run.info.run_id, "loss"):
         losses.setdefault(metric.step, []).append(metric.value)

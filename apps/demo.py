@@ -37,7 +37,7 @@ from pipeline.oracle import ATTRIBUTES, read_attributes, read_audio_attributes, 
 from pipeline.storage import check_folder, redact_values, save_text
 from pipeline.synth import COLORS, MOTIONS, SHAPES, SynthConfig, caption, write_corpus
 from pipeline.tracking import TrackingConfig, start_run
-from tokenize_jobs.job import TokenizeConfig, TokenizeJob
+from tokenize_jobs.job import TokenizeConfig, TokenizeJob, summary_metrics
 from train.llm import LLMTrainConfig, train_llm
 from train.mixture import check_inputs
 from train.superres import SRTrainConfig, train_sr
@@ -245,7 +245,8 @@ def held_out_manifest(manifest: Path) -> Path:
 def _tokenize(cfg: DemoConfig, out: Path, manifest: Path, video: dict, audio: dict, tracker) -> dict:
     job = TokenizeJob(cfg.tokenize, str(manifest), str(out / "shards"), video["tokenizer"], audio["tokenizer"])
     summary = job.run()
-    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    tracker.log_metrics(summary_metrics(summary))
+    job.log_lineage(tracker, summary)
     return summary
 
 

@@ -46,6 +46,7 @@ from pipeline.checkpoint import read_metadata
 from pipeline.config import from_dict, load_config, to_json
 from pipeline.ffmpeg import MediaError
 from pipeline.generation import SamplingConfig, model_dir
+from pipeline.lineage import export_record, manifest_record, prompts_record
 from pipeline.manifest import read_manifest
 from pipeline.media import MediaConfig, write_video
 from pipeline.sequence import Task
@@ -254,6 +255,10 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
         run.set_tags({"eval.i3d_weights": "random-init" if random["i3d"] else cfg.i3d.weights,
                       "eval.clip_weights": "random-init" if random["clip"] else cfg.clip.weights or cfg.clip.model,
                       "eval.prompts": prompt_set.name})
+        run.log_dataset(export_record(model), "model")
+        run.log_dataset(prompts_record(prompt_set.name, prompt_set.prompts), "prompts")
+        if manifest is not None:
+            run.log_dataset(manifest_record(real, manifest), "reference")
         collector = Collector(out / "samples.parquet")
         try:
             for batch in pipeline(cfg, model, media, rows, manifest).iter_batches(batch_size=None,

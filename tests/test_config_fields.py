@@ -13,7 +13,6 @@ import json
 import typing
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "cluster", "tokenize_jobs", "train", "eval", "apps")

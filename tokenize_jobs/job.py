@@ -46,6 +46,8 @@ import torch
 from cluster import init_ray
 from pipeline.checkpoint import model_classes
 from pipeline.config import ConfigError, from_dict, load_config, to_dict
+from pipeline.lineage import corpus_record, tokenization_record, tokenizer_records
+from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.media import LIMIT_FIELDS, MediaConfig
 from pipeline.shards import (ERRORS_SCHEMA, JOBS_DIR, LEGACY_JOBS_DIR, RECORD_SCHEMA, ShardError, ShardMeta,
                              clips_table, fingerprint_of, shard_index, shard_name)
@@ -502,11 +504,24 @@ class TokenizeJob:
         return {"status": status, "fingerprint": self.fingerprint,
                 "out": redact(posixpath.join(self.out, self.fingerprint)),
                 "errors": redact(posixpath.join(self.out, JOBS_DIR, self.fingerprint, "errors.parquet")),
-                "failed_examples": examples, "max_error_fraction": self.cfg.max_error_fraction, **totals}
+                "failed_examples": examples, "max_error_fraction": self.cfg.max_error_fraction,
+                "ids_sha256": [g.ids_sha256 for g in generations], **totals}
 
     @property
     def errors_path(self) -> str:
         return posixpath.join(self.job_dir, "errors.parquet")
+
+    def log_lineage(self, run: Any, summary: dict[str, Any]) -> None:
+        """What the job read and wrote, as the MLflow dataset inputs of its run `run`: the corpus (context `source`,
+        digest from its ids), the tokenizers (`video_tokenizer`, `audio_tokenizer`) and the shards (`output`, digest =
+        the fingerprint, which training runs record as their `train` and `val` inputs)."""
+        run.log_dataset(corpus_record(self.manifest, summary["ids_sha256"],
+                                      summary["inputs"], MANIFEST_SCHEMA), "source")
+        for role, record in tokenizer_records(self.tokenizers).items():
+            run.log_dataset(record, f"{role}_tokenizer")
+        run.log_dataset(tokenization_record(self.fingerprint, posixpath.join(self.out, self.fingerprint),
+                                            summary["clips"]), "output")
+        run.set_tags({"videopoet.shards_fingerprint": self.fingerprint})
 
 
 def _examples(records: pa.Table) -> list[dict[str, Any]]:
@@ -531,17 +546,23 @@ def _stamp() -> str:
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
-def _track(cfg: TokenizeConfig, out: str, summary: dict[str, Any], parent_run_id: Optional[str]) -> None:
+def _track(job: TokenizeJob, summary: dict[str, Any], parent_run_id: Optional[str]) -> None:
+    cfg, out = job.cfg, job.out
     if is_uri(out) and not cfg.tracking.uri:
         raise TokenizeError("tracking: --out is a URI, so the embedded MLflow store has no local folder; "
                             "set tracking.uri")
     run = start_run(cfg.tracking, posixpath.join(out, JOBS_DIR), "tokenize", parent_run_id=parent_run_id)
     try:
         run.log_params(to_dict(cfg))
-        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        run.log_metrics(summary_metrics(summary))
+        job.log_lineage(run, summary)
         run.log_dict(summary, "summary.json")
     finally:
         run.finish("FINISHED" if summary["status"] == "done" else "FAILED")
+
+
+def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -585,7 +606,7 @@ def run(args: argparse.Namespace) -> int:
                           args.text_encoder)
         summary = job.run()
         if cfg.tracking.enabled:
-            _track(cfg, args.out, summary, args.parent_run_id)
+            _track(job, summary, args.parent_run_id)
     except (TokenizeError, ShardError, UnsafeUri, NotAFolder, Busy) as e:
         print(f"videopoet tokenize: {e}", file=sys.stderr)
         return 2

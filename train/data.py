@@ -41,5 +41,5 @@ def log_lineage(run: Any, shards: ShardSet, location: str, train_rows: int, val_
     """The shards a run trains on (train and val splits) and the tokenizers that wrote them, as MLflow inputs."""
     run.log_dataset(shards_record(shards, location, "train", train_rows), "train")
     run.log_dataset(shards_record(shards, location, "val", val_rows), "val")
-    for role, record in tokenizer_records(shards).items():
+    for role, record in tokenizer_records(shards.meta.tokenizers).items():
         run.log_dataset(record, f"{role}_tokenizer")

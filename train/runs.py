@@ -106,11 +106,11 @@ def open_run(app: Any, folder: RunFolder, name: str, parent):
 
 
 def log_export(run: Any, export: Path, artifact_path: str) -> str:
-    """The export as an artifact of its run (loadable as `runs:/<run_id>/<artifact_path>`), its fingerprint as a
-    tag; returns the fingerprint."""
+    """The export as an artifact of its run (loadable as `runs:/<run_id>/<artifact_path>`), its fingerprint as the
+    tag `videopoet.model_fingerprint` (one name for every kind of export); returns the fingerprint."""
     fingerprint = read_metadata(export)["fingerprint"]
     run.log_artifact(export, artifact_path)
-    run.set_tags({f"videopoet.{artifact_path}_fingerprint": fingerprint})
+    run.set_tags({"videopoet.model_fingerprint": fingerprint})
     return fingerprint
 
 

@@ -16,6 +16,8 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="a TOML file of DemoConfig sections")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set clips=96 or --set llm.train.steps=100")
+    parser.add_argument("--quiet", action="store_true", help="no training progress lines (every stage's "
+                                                             "train.progress = false)")
     return parser
 
 

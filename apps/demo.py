@@ -87,6 +87,9 @@ class DemoConfig:
             raise ValueError("tokenize.hr = false: the demo's superres stage trains on the shards' 2x tokens")
 
 
+TRAINING_STAGES = ("video_tokenizer", "audio_tokenizer", "llm", "superres")
+
+
 class Stages:
     """Runs stages as child runs of one parent run and keeps their wall times."""
 
@@ -270,11 +273,17 @@ def print_summary(summary: dict, out: Path) -> None:
         print(f"MLflow:  mlflow ui --backend-store-uri {summary['mlflow']['tracking_uri']}")
 
 
+def demo_config(args: argparse.Namespace) -> DemoConfig:
+    """The demo's config from its arguments (file, then `--set`, then `--quiet`); raises ConfigError or ValueError."""
+    base = to_dict(DemoConfig()) if args.config is None else to_dict(load_config(DemoConfig, args.config))
+    quiet = [f"{stage}.train.progress=false" for stage in TRAINING_STAGES] if args.quiet else []
+    return from_dict(DemoConfig, apply_overrides(base, [*args.overrides, *quiet]))
+
+
 def run(args: argparse.Namespace) -> int:
     """`videopoet demo` with its arguments parsed (`apps.cli`)."""
     try:
-        base = to_dict(DemoConfig()) if args.config is None else to_dict(load_config(DemoConfig, args.config))
-        cfg = from_dict(DemoConfig, apply_overrides(base, args.overrides))
+        cfg = demo_config(args)
         check_folder(args.out)
     except (ConfigError, ValueError) as e:
         print(f"videopoet demo: {e}", file=sys.stderr)

@@ -100,3 +100,13 @@ def test_console_script_and_python_m():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "synth", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--clips" in out
+
+
+def test_quiet_turns_off_every_training_stage_progress():
+    from apps.demo import TRAINING_STAGES, demo_config
+
+    loud = demo_config(demo_parser().parse_args(["--out", "x"]))
+    quiet = demo_config(demo_parser().parse_args(["--out", "x", "--quiet", "--set", "llm.train.steps=5"]))
+    assert all(getattr(loud, s).train.progress for s in TRAINING_STAGES)
+    assert not any(getattr(quiet, s).train.progress for s in TRAINING_STAGES)
+    assert quiet.llm.train.steps == 5

@@ -561,8 +561,9 @@ def test_a_node_lost_mid_run_changes_no_clip(tokenized, corpus, tokenizers, tmp_
     re-run does), and its shards equal the uninterrupted single-node run's, clip for clip."""
     out = tmp_path / "out"
     command = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "multinode.py"),
-               "--manifest", str(corpus), "--out", str(out), "--video-tokenizer", str(tokenizers / "video"),
-               "--audio-tokenizer", str(tokenizers / "audio"), "--scenario", "replace", "--workers", "2"]
+               "--app", "tokenize", "--out", str(out), "--scenario", "replace", "--nodes", "2",
+               "--", "--manifest", str(corpus), "--video-tokenizer", str(tokenizers / "video"),
+               "--audio-tokenizer", str(tokenizers / "audio"), "--config", "debug", "--inputs-per-shard", "1"]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=1200)
     log = out.parent / "out.log"
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:] + log.read_text()[-3000:]

@@ -5,7 +5,8 @@ its modules, a training step that draws its batch from (seed, draw, rank), how i
 and its validation. The engine owns everything else, the same way for every app:
 
 - workers: a `TorchTrainer` of `train.workers` workers (gloo on CPU, NCCL with `train.use_gpu`), each reserving
-  `train.cpus_per_worker` CPUs (Ray sets the worker's torch threads to that);
+  `train.cpus_per_worker` CPUs (Ray sets the worker's torch threads to that); elastic between `train.min_workers` and
+  `train.workers` when min_workers > 0;
 - optimization: one DeepSpeed engine per module (ZeRO stage 0-3, offload, bf16, gradient accumulation, clipping),
   AdamW with linear warmup and cosine decay (`lr_at`); a second module, such as a GAN discriminator, gets its own;
 - the loop: every draw reseeds torch from (seed, draw, rank), so random choices inside the models (codebook restarts)
@@ -63,6 +64,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     workers: int = 2
+    # > 0: elastic training. Ray Train starts with as many workers as the cluster holds, from min_workers to
+    # `workers`; a lost node or a new one resizes the group: a restart from the last checkpoint, resharded.
+    min_workers: int = 0
     # CPUs each worker reserves; Ray sets the worker's OMP_NUM_THREADS, hence torch's intra-op threads, to this.
     cpus_per_worker: int = 1
     use_gpu: bool = False
@@ -77,9 +81,11 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.system_metrics_s < 0:
             raise ValueError(f"train.system_metrics_s must be >= 0 (0: off), got {self.system_metrics_s!r}")
-        for name in ("warmup_steps", "max_failures", "seed"):
+        for name in ("warmup_steps", "max_failures", "seed", "min_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.min_workers > self.workers:
+            raise ValueError(f"train.min_workers ({self.min_workers}) must be <= train.workers ({self.workers})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"train.lr must be a finite number > 0, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -379,9 +385,6 @@ def worker_loop(config: dict[str, Any]) -> None:
     recipe: Recipe = config["recipe"](worker)
     state = saved_state()
     reshard = state is not None and state.get("world_size", world_size) != world_size
-    if reshard and rank == 0:
-        print(f"[{config['name']}] resuming step {state['step']} of {state['world_size']} workers on {world_size}: "
-              "resharding the checkpoint (DeepSpeed universal checkpoint)", flush=True)
     engines = {name: _build_engine(module, train, ds, universal=reshard) for name, module in recipe.modules().items()}
     _unlink_shared_memory(rank)
     start = 0
@@ -389,6 +392,10 @@ def worker_loop(config: dict[str, Any]) -> None:
         restore_checkpoint(engines, reshard)
         start = state["step"]
         recipe.restore(state)
+        if rank == 0 and (train.progress or reshard):
+            how = (f" (saved by {state['world_size']} workers, resharded onto {world_size}: DeepSpeed universal "
+                   "checkpoint)") if reshard else ""
+            print(f"[{config['name']}] resumed at step {start}{how}", flush=True)
 
     progress = _Progress(config["name"], start, train.steps)
     context = ray.train.get_context()
@@ -452,11 +459,12 @@ def fit(name: str, recipe: type[Recipe], app: Any, out: str, run: Any, datasets:
     storage = f"{out.rstrip('/')}/ray" if is_uri(out) else str(Path(out).resolve() / "ray")
     loop_config = {"name": name, "recipe": recipe, "app": to_dict(app), "train": to_dict(train),
                    "deepspeed": to_dict(app.deepspeed), "tracking_uri": run.uri, "run_id": run.run_id, **entries}
+    workers = (train.min_workers, train.workers) if train.min_workers else train.workers  # a range: elastic
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=train.use_gpu,
                                                resources_per_worker={"CPU": train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name,

@@ -56,6 +56,27 @@ def ground_truth(path: str, clip_index: int, media: MediaConfig) -> np.ndarray:
     return result.clips[clip_index].frames
 
 
+def measure(stage: SuperResStage, rows: list[dict], paths: dict[str, str], hr_media: MediaConfig,
+            seed: int = 0) -> dict[str, float]:
+    """Mean PSNRs and token accuracies (the module's docstring) over shard `rows` (COLUMNS) whose inputs are at
+    `paths[id]`, with the ground truth decoded at `hr_media`."""
+    scores: dict[str, list[float]] = {k: [] for k in ("sr", "bicubic", "tokenizer_hr", "bicubic_lr",
+                                                      "accuracy", "copy_accuracy")}
+    for i, row in enumerate(rows):
+        truth = ground_truth(paths[row["id"]], row["clip_index"], hr_media)
+        low = np.round(reduce(truth.astype(np.float32), "t (h a) (w b) c -> t h w c", "mean", a=2, b=2))
+        lr = np.asarray(row["video_tokens"], np.int64).reshape(row["video_shape"])
+        hr = np.asarray(row["hr_video_tokens"], np.int64).reshape(row["hr_video_shape"])
+        sampled = stage.upsample(lr, row["caption"], seed=seed + i)
+        scores["sr"].append(psnr(truth, stage.decode_video(sampled)))
+        scores["bicubic"].append(psnr(truth, bicubic_2x(stage.decode_video(lr))))
+        scores["tokenizer_hr"].append(psnr(truth, stage.decode_video(hr)))
+        scores["bicubic_lr"].append(psnr(truth, bicubic_2x(low.astype(np.uint8))))
+        scores["accuracy"].append(float((sampled == hr).mean()))
+        scores["copy_accuracy"].append(float((repeat(lr, "t h w -> t (h a) (w b)", a=2, b=2) == hr).mean()))
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sr", required=True, help="run folder of `videopoet train sr` (or its model/)")
@@ -79,24 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.data}: no clips in the val split")
     paths = dict(zip(*(read_manifest(args.manifest).column(c).to_pylist() for c in ("id", "path"))))
 
-    scores: dict[str, list[float]] = {k: [] for k in ("sr", "bicubic", "tokenizer_hr", "bicubic_lr",
-                                                      "accuracy", "copy_accuracy")}
     began = time.perf_counter()
-    for i, row in enumerate(rows):
-        truth = ground_truth(paths[row["id"]], row["clip_index"], hr_media)
-        low = np.round(reduce(truth.astype(np.float32), "t (h a) (w b) c -> t h w c", "mean", a=2, b=2))
-        lr = np.asarray(row["video_tokens"], np.int64).reshape(row["video_shape"])
-        hr = np.asarray(row["hr_video_tokens"], np.int64).reshape(row["hr_video_shape"])
-        sampled = stage.upsample(lr, row["caption"], seed=args.seed + i)
-        scores["sr"].append(psnr(truth, stage.decode_video(sampled)))
-        scores["bicubic"].append(psnr(truth, bicubic_2x(stage.decode_video(lr))))
-        scores["tokenizer_hr"].append(psnr(truth, stage.decode_video(hr)))
-        scores["bicubic_lr"].append(psnr(truth, bicubic_2x(low.astype(np.uint8))))
-        scores["accuracy"].append(float((sampled == hr).mean()))
-        scores["copy_accuracy"].append(float((repeat(lr, "t h w -> t (h a) (w b)", a=2, b=2) == hr).mean()))
+    means = measure(stage, rows, paths, hr_media, args.seed)
     seconds = time.perf_counter() - began
 
-    means = {k: float(np.mean(v)) for k, v in scores.items()}
     print(f"{len(rows)} held-out clips, {media.clip_frames} frames {media.height}x{media.width} -> "
           f"{hr_media.height}x{hr_media.width}, codes {stage.lr_grid} -> {stage.grid}, "
           f"decoding {to_dict(stage.decoding)}, {seconds:.1f} s")

@@ -137,8 +137,10 @@ def _batches(location: str) -> tuple[Iterator[pa.Table], str]:
             elif kind in (".csv", ".tsv"):
                 yield from _csv_batches(fs, path, kind)
             else:
+                # pre_buffer (pyarrow's default) keeps every row group read cached until the file closes: the whole
+                # manifest in memory by the end (534 MB of a 10M-row, 504 MB file).
                 with fs.open_input_file(path) as f:
-                    for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS):
+                    for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=BATCH_ROWS):
                         yield pa.Table.from_batches([batch])
         except (pa.ArrowInvalid, OSError) as e:
             raise ManifestError(f"manifest {redact(location)}: cannot parse as {kind[1:]}: {e}") from None

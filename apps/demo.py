@@ -36,7 +36,7 @@ from pipeline.media import decode, write_video
 from pipeline.oracle import ATTRIBUTES, read_attributes, read_audio_attributes, read_video_attributes, score, score_av
 from pipeline.storage import check_folder, redact_values, save_text
 from pipeline.synth import COLORS, MOTIONS, SHAPES, SynthConfig, caption, write_corpus
-from pipeline.tracking import TrackingConfig, start_run
+from pipeline.tracking import TrackingConfig, start_run, ui_url
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob, summary_metrics
 from train.llm import LLMTrainConfig, train_llm
 from train.mixture import check_inputs
@@ -220,7 +220,8 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
             "eval": str(out / "eval" / "metrics.json"),
             "stage_seconds": stages.seconds,
             "total_seconds": time.perf_counter() - began,
-            "mlflow": {"tracking_uri": parent.uri, "run_id": parent.run_id},
+            "mlflow": {"tracking_uri": parent.uri, "run_id": parent.run_id,
+                       "ui": ui_url(parent.uri, parent.experiment_id) if parent.run_id else ""},
         }
         save_text(out / "summary.json", json.dumps(redact_values(summary), indent=2) + "\n")
         parent.log_artifact(out / "summary.json")
@@ -270,7 +271,9 @@ def print_summary(summary: dict, out: Path) -> None:
     print(f"stages: {stages}; total {summary['total_seconds']:.0f} s")
     print(f"summary: {out / 'summary.json'}; samples: {out / 'samples'}")
     if summary["mlflow"]["run_id"]:
-        print(f"MLflow:  mlflow ui --backend-store-uri {summary['mlflow']['tracking_uri']}")
+        uri = summary["mlflow"]["tracking_uri"]
+        serve = "" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}, then open "
+        print(f"MLflow:  {serve}{summary['mlflow']['ui']}")
 
 
 def demo_config(args: argparse.Namespace) -> DemoConfig:

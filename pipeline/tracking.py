@@ -8,9 +8,12 @@ worker and `attach` there.
 Embedded default: `sqlite:///<run dir>/mlflow.db` with artifacts in `<run dir>/mlartifacts`. SQLite takes one writer
 at a time, so log from the driver or rank 0 only; use a tracking server URI for anything wider.
 
-Experiments are created as model-training experiments (MLflow 3's `mlflow.experimentKind`), so the UI opens on runs
-and charts. Lineage is MLflow dataset inputs (`Run.log_dataset`): a manifest, a tokenization's shards, a tokenizer or
-LLM export, each named, with a digest that identifies its content (ids hash, tokenization fingerprint, weights
+Experiments are created as model-training experiments (MLflow 3's `mlflow.experimentKind`). MLflow 3.17's UI still
+opens every experiment in its GenAI view (traces) until its sidebar switch says "Model training"; `ui_url` gives the
+link that opens on the runs and charts.
+
+Lineage is MLflow dataset inputs (`Run.log_dataset`): a manifest, a tokenization's shards, a tokenizer or LLM export,
+each named, with a digest that identifies its content (ids hash, tokenization fingerprint, weights
 fingerprint), its location, row count and schema, and a context saying what the run did with it (`train`, `val`,
 `produced`, `tokenizer`, ...). Exports are artifacts of their run, tagged with their fingerprint, and load back by
 `runs:/<run_id>/<path>` (`fetch_export`).
@@ -42,6 +45,14 @@ class TrackingConfig:
 
 def default_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def ui_url(uri: str, experiment_id: str) -> str:
+    """The UI page of an experiment in MLflow's model-training view: the server's own, or for the embedded store the
+    one `mlflow ui --backend-store-uri URI` serves. The UI ignores the experiment's kind tag for its view and keeps the
+    browser's last choice (GenAI by default); the `workflowType` parameter picks it."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

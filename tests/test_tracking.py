@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking import NullRun, TrackingConfig, attach, default_uri, flatten, search_runs, start_run
+from pipeline.tracking import (NullRun, TrackingConfig, attach, default_uri, flatten, search_runs, start_run,
+                               ui_url)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,3 +55,9 @@ def test_null_tracker_records_nothing(tmp_path):
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_ui_url_opens_the_model_training_view():
+    assert ui_url("http://10.0.0.5:5000/", "3") == "http://10.0.0.5:5000/#/experiments/3?workflowType=machine_learning"
+    assert ui_url("sqlite:////runs/mlflow.db", "1") == \
+        "http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"  # where `mlflow ui` serves it

@@ -12,9 +12,12 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import psutil
+
 
 class NodeSampler:
-    """Averages of this machine's system metrics since the last `take`, sampled every `interval_s` seconds."""
+    """Averages of this machine's system metrics since the last `take`, sampled every `interval_s` seconds, and at a
+    `take` that found no sample (a logging window shorter than the period), so that every logged step has them."""
 
     def __init__(self, interval_s: float):
         from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
@@ -29,7 +32,9 @@ class NodeSampler:
         self.interval_s = interval_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._sample()
+        # psutil's CPU percentage is over the time since its previous call, and its first call returns 0.0: prime it
+        # so that the first sample is a real reading.
+        psutil.cpu_percent()
         self._thread = threading.Thread(target=self._run, name="system-metrics", daemon=True)
         self._thread.start()
 
@@ -43,6 +48,8 @@ class NodeSampler:
             self._sample()
 
     def take(self) -> dict[str, float]:
+        if not any(monitor.metrics for monitor in self.monitors):
+            self._sample()
         with self._lock:
             merged: dict[str, float] = {}
             for monitor in self.monitors:

@@ -1,7 +1,9 @@
 """The training engine: DeepSpeed config, validation of the train settings, and a tiny recipe under Ray Train with
 ZeRO-3 on 2 CPU workers: exact resume from sharded checkpoints, buffers kept in step with rank 0, the fp32 export."""
 
+import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ def test_deepspeed_config():
     ("train.min_lr_ratio=2", r"train.min_lr_ratio must lie in \[0, 1\]"),
     ("train.betas=[0.9, 1.0]", r"train.betas must lie in \[0, 1\)"),
     ("deepspeed.gradient_accumulation_steps=0", "gradient_accumulation_steps must be >= 1"),
+    ("train.min_workers=3", r"train.min_workers \(3\) must be <= train.workers \(2\)"),
 ])
 def test_bad_settings_are_refused_at_load(override, message):
     from train.llm import LLMTrainConfig
@@ -153,28 +156,33 @@ class SameDataRecipe(TinyRecipe):
 
 @pytest.mark.heavy
 def test_zero3_resumes_at_another_worker_count(tmp_path, ray_local):
-    """Two workers for 2 steps, one for the next 2, two again for the last 2 (a node lost, then one added): the same
-    weights as 6 steps on one worker, so Adam's moments and the step count came through both reshards."""
+    """Two workers for 2 steps, one for the next 2 (a node lost), then an elastic group of 1 to 3 workers
+    (`train.min_workers`) on the 2 CPUs, which starts with what fits (a node added): the same weights as 6 steps on
+    one worker, so Adam's moments and the step count came through both reshards."""
     from ray import cloudpickle
 
     from pipeline.tracking import NullRun
-    from train.engine import final_weights, fit
+    from train.engine import STATE_FILE, final_weights, fit
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-    def run(name, steps, workers):
+    def run(name, steps, workers, min_workers=0):
         class App:
             # A constant rate after warmup: the cosine schedule depends on `steps`, which each leg of the chain sets
             train = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, min_lr_ratio=1.0,
-                                checkpoint_every=2, workers=workers, progress=False, system_metrics_s=0)
+                                checkpoint_every=2, workers=workers, min_workers=min_workers, progress=False,
+                                system_metrics_s=0)
             deepspeed = DeepSpeedConfig(zero_stage=3)
 
-        return final_weights(fit(name, SameDataRecipe, App, str(tmp_path), NullRun(), {}))
+        return fit(name, SameDataRecipe, App, str(tmp_path), NullRun(), {})
 
-    straight, _ = run("straight", 6, 1)
-    for steps, workers in ((2, 2), (4, 1), (6, 2)):
-        resized, step = run("resized", steps, workers)
+    straight, _ = final_weights(run("straight", 6, 1))
+    for steps, workers, min_workers in ((2, 2, 0), (4, 1, 0), (6, 3, 1)):
+        result = run("resized", steps, workers, min_workers)
+        resized, step = final_weights(result)
         assert step == steps
+    with result.checkpoint.as_directory() as folder:  # a fixed group of 3 would wait for a third CPU forever
+        assert json.loads(Path(folder, STATE_FILE).read_text())["world_size"] in (1, 2)
     assert straight.keys() == resized.keys()
     for key in straight.keys() - {"seen"}:  # `seen` draws from each rank's own generator: no fixed value to meet
         torch.testing.assert_close(straight[key], resized[key], rtol=0, atol=1e-5)

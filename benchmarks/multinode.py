@@ -154,10 +154,8 @@ def main() -> int:
 
         if run_name is None:
             def first_shard() -> bool:
-                if not list(out.glob("*/shard-*.parquet")):
-                    return False
                 result["shards_at_removal"] = len(list(out.glob("*/shard-*.parquet")))
-                return True
+                return result["shards_at_removal"] > 0
 
             events = [(first_shard, lambda: remove("VideoTokenizer"))]
         else:

@@ -34,7 +34,7 @@ from pipeline.generation import SamplingConfig, VideoPoet
 from pipeline.manifest import read_manifest
 from pipeline.media import decode, write_video
 from pipeline.oracle import ATTRIBUTES, read_attributes, read_audio_attributes, read_video_attributes, score, score_av
-from pipeline.storage import check_folder, redact_values, save_text
+from pipeline.storage import check_folder, is_uri, redact_values, save_text
 from pipeline.synth import COLORS, MOTIONS, SHAPES, SynthConfig, caption, write_corpus
 from pipeline.tracking import TrackingConfig, start_run, ui_url
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob, summary_metrics
@@ -287,6 +287,10 @@ def run(args: argparse.Namespace) -> int:
     """`videopoet demo` with its arguments parsed (`apps.cli`)."""
     try:
         cfg = demo_config(args)
+        if is_uri(args.out):
+            # It synthesizes its corpus with local ffmpeg and samples from local exports, on one machine.
+            raise ValueError(f"--out {args.out}: the demo runs on one machine into a local folder; on a cluster, "
+                             "submit the apps with object-store --out (README, 'For platform teams: run on a cluster')")
         check_folder(args.out)
     except (ConfigError, ValueError) as e:
         print(f"videopoet demo: {e}", file=sys.stderr)

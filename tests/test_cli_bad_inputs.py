@@ -177,6 +177,7 @@ CASES = {
                              "empty", 2),
     "demo config not utf-8": (lambda p: ["demo", "--out", str(p.out / "demo"), "--config", str(p.bad / "latin1.csv")],
                               "latin1.csv", 2),
+    "demo out on an object store": (lambda p: ["demo", "--out", "s3://bucket/runs/demo"], "s3://bucket/runs/demo", 2),
     "synth unknown key": (lambda p: ["synth", "--out", str(p.out / "synth"), "--set", "nope=1"], "nope", 2),
     "synth bad value": (lambda p: ["synth", "--out", str(p.out / "synth"), "--set", "fps=-1"], "fps", 2),
     "synth config missing": (lambda p: ["synth", "--out", str(p.out / "synth"), "--config", str(p.missing / "s.toml")],

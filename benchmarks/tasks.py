@@ -52,7 +52,8 @@ from pipeline.sequence import central_mask
 from pipeline.shards import open_shards
 from pipeline.storage import save_text
 from pipeline.structure import structure_video
-from pipeline.synth import COLORS, MOTIONS, SHAPES, attribute_schedule, caption, write_corpus
+from pipeline.synth import COLORS, MOTIONS, SHAPES, attribute_key, attribute_schedule, caption, \
+    held_out_combinations, write_corpus
 from superres_quality import COLUMNS, measure
 from tokenize_jobs.job import TokenizeJob
 from train.llm import train_llm
@@ -70,23 +71,6 @@ TARGETS = {"text_to_video.unseen": 0.5, "text_to_video.seen": 0.9, "text_to_imag
            "text_to_image.seen": 0.9, "image_to_video": 0.9, "future_prediction": 0.9, "inpainting": 0.9,
            "outpainting": 0.9, "stylization.motion": 0.8, "stylization.color": 0.8, "video_to_audio": 0.8,
            "audio_to_video": 0.8, "audio_video_continuation": 0.8, "unconditional.tv": 0.2}
-
-
-def combo_key(attributes) -> tuple[str, ...]:
-    return tuple(attributes[a] for a in ATTRIBUTES)
-
-
-def held_out_combos() -> set[tuple[str, ...]]:
-    """8 of the 48 combinations, chosen so that every pair of values of two attributes still occurs in training
-    (a held-out combination is new only as a combination)."""
-    combos = [combo_key(c) for c in attribute_schedule(0, WORLD)]
-    for seed in range(100):
-        held = {combos[i] for i in np.random.default_rng(seed).permutation(WORLD)[:HELD_OUT]}
-        seen = [c for c in combos if c not in held]
-        pairs = {(i, j, c[i], c[j]) for c in seen for i in range(3) for j in range(i + 1, 3)}
-        if all((i, j, c[i], c[j]) in pairs for c in held for i in range(3) for j in range(i + 1, 3)):
-            return held
-    raise RuntimeError("no held-out set keeps every pair of attribute values in training")
 
 
 def config(overrides: list[str], quick: bool) -> DemoConfig:
@@ -111,10 +95,10 @@ def prepare(cfg: DemoConfig, work: Path) -> tuple[dict[str, float], Path]:
 
     if not (corpus / "manifest.jsonl").exists():
         timed("synth", lambda: write_corpus(corpus, cfg.synth, cfg.clips, cfg.seed))
-    held = held_out_combos()
+    held = held_out_combinations(HELD_OUT)
     rows = read_manifest(str(corpus / "manifest.jsonl")).to_pylist()
     manifest = corpus / "train.jsonl"
-    save_text(manifest, "".join(json.dumps(r) + "\n" for r in rows if combo_key(r) not in held))
+    save_text(manifest, "".join(json.dumps(r) + "\n" for r in rows if attribute_key(r) not in held))
     video = timed("video_tokenizer", lambda: train_tokenizer("video", cfg.video_tokenizer, str(manifest),
                                                              work / "video_tokenizer"))
     audio = timed("audio_tokenizer", lambda: train_tokenizer("audio", cfg.audio_tokenizer, str(manifest),
@@ -269,14 +253,14 @@ def eval_clips(work: Path, cfg: DemoConfig, poet: VideoPoet, count: int) -> list
 
 def measure_all(work: Path, cfg: DemoConfig, manifest: Path, samples: int) -> tuple[dict, dict]:
     poet = VideoPoet.load(work / "llm" / "model", sr=[work / "superres" / "model"])
-    held = held_out_combos()
+    held = held_out_combinations(HELD_OUT)
     chosen = eval_clips(work, cfg, poet, samples)
     rng = np.random.default_rng(cfg.seed)
     m = Measure(poet, chosen, cfg.sampling)
-    combos = [dict(zip(ATTRIBUTES, c)) for c in sorted({combo_key(c) for c in attribute_schedule(0, WORLD)})]
-    unseen = [c for c in combos if combo_key(c) in held]
-    seen = [combos[i] for i in rng.permutation(len(combos)) if combo_key(combos[i]) not in held][:samples]
-    train_combos = [combo_key(r) for r in read_manifest(str(manifest)).to_pylist()]
+    combos = [dict(zip(ATTRIBUTES, c)) for c in sorted({attribute_key(c) for c in attribute_schedule(0, WORLD)})]
+    unseen = [c for c in combos if attribute_key(c) in held]
+    seen = [combos[i] for i in rng.permutation(len(combos)) if attribute_key(combos[i]) not in held][:samples]
+    train_combos = [attribute_key(r) for r in read_manifest(str(manifest)).to_pylist()]
     expected = [c["attributes"] for c in chosen]
     frequent_combo = dict(zip(ATTRIBUTES, Counter(train_combos).most_common(1)[0][0]))
     frequent = score([frequent_combo] * len(expected), expected)

@@ -83,6 +83,24 @@ def attribute_schedule(seed: int, n: int) -> list[dict[str, str]]:
              "motion": motions[(i + i // pairs) % len(motions)]} for i in range(n)]
 
 
+def attribute_key(attributes: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(attributes[a] for a in ATTRIBUTES)
+
+
+def held_out_combinations(count: int) -> set[tuple[str, ...]]:
+    """`count` of the 48 combinations (as `attribute_key`s) to keep out of training, chosen so that every pair of
+    values of two attributes still occurs in what is left: a held-out combination is new only as a combination."""
+    combos = [attribute_key(c) for c in attribute_schedule(0, len(SHAPES) * len(COLORS) * len(MOTIONS))]
+    for seed in range(100):
+        held = {combos[i] for i in np.random.default_rng(seed).permutation(len(combos))[:count]}
+        seen = [c for c in combos if c not in held]
+        pairs = {(i, j, c[i], c[j]) for c in seen for i in range(3) for j in range(i + 1, 3)}
+        if all((i, j, c[i], c[j]) in pairs for c in held for i in range(3) for j in range(i + 1, 3)):
+            return held
+    raise ValueError(f"held_out_combinations: no {count} combinations leave every pair of attribute values in "
+                     "training")
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     width: int = 160

@@ -13,6 +13,7 @@ from pipeline.shards import open_shards
 from pipeline.tracking import search_runs
 from apps.cli import demo as main
 from apps.demo import DemoConfig
+from pipeline.synth import attribute_key, held_out_combinations
 
 STAGES = {"synth", "check", "video_tokenizer", "audio_tokenizer", "tokenize", "llm", "superres", "generate", "eval"}
 
@@ -25,9 +26,14 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert main(["--out", str(tmp_path), *(a for s in settings for a in ("--set", s))]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["data_oracle"]["video"] >= 0.99 and summary["data_oracle"]["audio"] >= 0.99
-    assert set(summary["adherence"]) == {"text_to_video", "text_to_video_2x", "video_to_audio"}
+    assert set(summary["adherence"]) == {"text_to_video", "text_to_video_held_out", "text_to_video_2x",
+                                         "video_to_audio"}
     assert summary["chance"]["all_attributes"] == pytest.approx(1 / 48)
-    assert summary["tokenize"]["clips"] == 12 and summary["llm"]
+    # 3 of the first 12 clips have held-out combinations: no stage trains on them
+    trained = [json.loads(line) for line in (tmp_path / "corpus" / "train.jsonl").read_text().splitlines()]
+    held = held_out_combinations(DemoConfig().held_out)
+    assert len(trained) == 9 and not any(attribute_key(r) in held for r in trained)
+    assert summary["tokenize"]["clips"] == 9 and summary["llm"]
     assert summary["superres"]
     for pattern in ("t2v_*.mp4", "v2a_*.mp4", "sr_*.mp4"):
         assert list((tmp_path / "samples").glob(pattern)), pattern
@@ -51,14 +57,14 @@ def check_lineage(uri, runs, out):
     def inputs(stage):
         return {d.tags[0].value: d.dataset for d in client.get_run(runs[stage].info.run_id).inputs.dataset_inputs}
 
-    ids = sorted(json.loads(line)["id"] for line in (out / "corpus" / "manifest.jsonl").read_text().splitlines())
+    ids = sorted(json.loads(line)["id"] for line in (out / "corpus" / "train.jsonl").read_text().splitlines())
     manifest_digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
     shards = open_shards(str(out / "shards"))
     llm = read_metadata(out / "llm" / "model")["fingerprint"]
 
     tokenize = inputs("tokenize")
     assert tokenize["source"].digest == inputs("video_tokenizer")["train"].digest == manifest_digest
-    assert tokenize["source"].name == "manifest-manifest" and json.loads(tokenize["source"].profile)["num_rows"] == 12
+    assert tokenize["source"].name == "manifest-train" and json.loads(tokenize["source"].profile)["num_rows"] == 9
     for role in ("video", "audio"):
         exported = runs[f"{role}_tokenizer"].data.tags["videopoet.model_fingerprint"]
         assert tokenize[f"{role}_tokenizer"].digest == exported == shards.meta.tokenizers[role]["fingerprint"]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, load_config, to_dict
-from pipeline.synth import (ATTRIBUTES, COLORS, MOTIONS, PITCH_HZ, SHAPES, SynthConfig, attribute_schedule, caption,
-                            main, plan, render_audio, render_video)
+from pipeline.synth import (ATTRIBUTES, COLORS, MOTIONS, PITCH_HZ, SHAPES, SynthConfig, attribute_key,
+                            attribute_schedule, caption, held_out_combinations, main, plan, render_audio, render_video)
 
 COMBINATIONS = list(itertools.product(SHAPES, COLORS, MOTIONS))
 
@@ -153,3 +153,15 @@ def test_main_rejects_bad_arguments(tmp_path, capsys):
         assert exit_info.value.code == 2
     assert "center square" in capsys.readouterr().err
     assert not (tmp_path / "manifest.jsonl").exists()
+
+
+def test_held_out_combinations_leave_every_pair_of_values_in_training():
+    world = set(itertools.product(*ATTRIBUTES.values()))
+    assert held_out_combinations(0) == set()
+    for count in (1, 8, 16):
+        held = held_out_combinations(count)
+        assert len(held) == count and held <= world and held == held_out_combinations(count)  # deterministic
+        seen = world - held
+        for i, j in itertools.combinations(range(3), 2):
+            assert {(c[i], c[j]) for c in held} <= {(c[i], c[j]) for c in seen}
+    assert attribute_key({"motion": "up", "shape": "circle", "color": "red"}) == ("circle", "red", "up")

@@ -208,7 +208,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
     began = time.perf_counter()
     with start_run(cfg.tracking, out, "demo", params={"clips": cfg.clips, "seed": cfg.seed}) as parent:
         stages = Stages(parent)
-        manifest = stages.run("synth", lambda run: _synth(cfg, out, run), cfg.synth)
+        manifest = stages.run("synth", lambda run: synth_corpus(cfg, out, run), cfg.synth)
         data = stages.run("check", check_stage(cfg, manifest))
         video = stages.run("video_tokenizer", lambda p: train_tokenizer(
             "video", cfg.video_tokenizer, str(manifest), out / "video_tokenizer", parent=p), own_run=True)
@@ -247,7 +247,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
     return summary
 
 
-def _synth(cfg: DemoConfig, out: Path, tracker) -> Path:
+def synth_corpus(cfg: DemoConfig, out: Path, tracker) -> Path:
     """The world's corpus (`corpus/manifest.jsonl`) and what trains on it: its clips but those of held-out
     combinations (`corpus/train.jsonl`)."""
     rows = write_corpus(out / "corpus", cfg.synth, cfg.clips, cfg.seed)

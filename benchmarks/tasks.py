@@ -1,10 +1,10 @@
 """Every task of the mixture on the synthetic world: the LLM trained on the full mixture, each task measured by the
 oracle on clips it never saw, next to its chance level and a trivial baseline.
 
-Stages (each resumes in WORK, so a second run only measures): the world's corpus with 8 of its 48 attribute
-combinations held out of everything that trains (tokenizers, LLM, super-resolution); both tokenizers; the tokenize
-job with structure videos and 2x tokens; the LLM on all 11 tasks; one 2x super-resolution stage. Every section is the
-demo's (`videopoet demo`), with `--set` on top (`--set llm.train.steps=2000`).
+Stages (each resumes in WORK, so a second run only measures): the demo's corpus, with 8 of its 48 attribute
+combinations (`held_out`) held out of everything that trains (tokenizers, LLM, super-resolution); both tokenizers;
+the tokenize job with structure videos and 2x tokens; the LLM on all 11 tasks; one 2x super-resolution stage. Every
+section is the demo's (`videopoet demo`), with `--set` on top (`--set llm.train.steps=2000`).
 
 Measured, on a fresh corpus (seed 1: new sizes, positions, sounds) decoded as the tokenize job decodes:
     text_to_video / text_to_image   captions of held-out combinations (compositional generalization) and of seen ones
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from einops import repeat
 
-from apps.demo import DemoConfig
+from apps.demo import DemoConfig, synth_corpus
 from pipeline.config import apply_overrides, from_dict, to_dict
 from pipeline.generation import SamplingConfig, VideoPoet
 from pipeline.manifest import read_manifest
@@ -50,10 +50,10 @@ from pipeline.oracle import ATTRIBUTES, read_attributes, read_audio_attributes, 
     score_av
 from pipeline.sequence import central_mask
 from pipeline.shards import open_shards
-from pipeline.storage import save_text
 from pipeline.structure import structure_video
 from pipeline.synth import COLORS, MOTIONS, SHAPES, attribute_key, attribute_schedule, caption, \
     held_out_combinations, write_corpus
+from pipeline.tracking import NullRun
 from superres_quality import COLUMNS, measure
 from tokenize_jobs.job import TokenizeJob
 from train.llm import train_llm
@@ -61,7 +61,6 @@ from train.superres import train_sr
 from train.tokenizers import train_tokenizer
 
 WORLD = len(SHAPES) * len(COLORS) * len(MOTIONS)
-HELD_OUT = 8
 CONTEXT = 2  # latent frames given to the continuation tasks
 FULL_MIXTURE = {"text_to_video": 3.0, "text_to_image": 1.0, "unconditional": 0.5, "future_prediction": 1.0,
                 "image_to_video": 1.0, "inpainting": 0.5, "outpainting": 0.5, "stylization": 1.0,
@@ -93,12 +92,9 @@ def prepare(cfg: DemoConfig, work: Path) -> tuple[dict[str, float], Path]:
         seconds[name] = time.perf_counter() - began
         return result
 
-    if not (corpus / "manifest.jsonl").exists():
-        timed("synth", lambda: write_corpus(corpus, cfg.synth, cfg.clips, cfg.seed))
-    held = held_out_combinations(HELD_OUT)
-    rows = read_manifest(str(corpus / "manifest.jsonl")).to_pylist()
     manifest = corpus / "train.jsonl"
-    save_text(manifest, "".join(json.dumps(r) + "\n" for r in rows if attribute_key(r) not in held))
+    if not manifest.exists():
+        timed("synth", lambda: synth_corpus(cfg, work, NullRun()))
     video = timed("video_tokenizer", lambda: train_tokenizer("video", cfg.video_tokenizer, str(manifest),
                                                              work / "video_tokenizer"))
     audio = timed("audio_tokenizer", lambda: train_tokenizer("audio", cfg.audio_tokenizer, str(manifest),
@@ -253,7 +249,7 @@ def eval_clips(work: Path, cfg: DemoConfig, poet: VideoPoet, count: int) -> list
 
 def measure_all(work: Path, cfg: DemoConfig, manifest: Path, samples: int) -> tuple[dict, dict]:
     poet = VideoPoet.load(work / "llm" / "model", sr=[work / "superres" / "model"])
-    held = held_out_combinations(HELD_OUT)
+    held = held_out_combinations(cfg.held_out)
     chosen = eval_clips(work, cfg, poet, samples)
     rng = np.random.default_rng(cfg.seed)
     m = Measure(poet, chosen, cfg.sampling)
@@ -295,7 +291,7 @@ def measure_all(work: Path, cfg: DemoConfig, manifest: Path, samples: int) -> tu
 
 
 def headline(tasks: dict) -> dict[str, float]:
-    """The figure each target is on (TARGETS' keys), and the 2x stage's two comparisons."""
+    """The figure each target is on (TARGETS' keys)."""
     t = tasks
     return {"text_to_video.unseen": t["text_to_video"]["unseen"]["all"],
             "text_to_video.seen": t["text_to_video"]["seen"]["all"],
@@ -324,9 +320,7 @@ def baseline_figure(name: str, baseline: dict) -> tuple[str, float] | None:
     if task not in baseline or task == "unconditional":
         return None
     kind, scores = next(iter(baseline[task].items()))
-    key = measure_name if task == "stylization" else "all"
-    key = "all" if measure_name in ("seen", "unseen") else key
-    return kind, scores[key]
+    return kind, scores[measure_name if task == "stylization" else "all"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = headline(tasks)
     sr = tasks["superres_2x"]
-    print(f"\nEvery task on the synthetic world: {cfg.clips} clips ({HELD_OUT} of {WORLD} combinations held out), "
+    print(f"\nEvery task on the synthetic world: {cfg.clips} clips ({cfg.held_out} of {WORLD} combinations held out), "
           f"LLM {cfg.llm.train.steps} steps, {samples} samples per task, greedy decoding")
     print("| task: measure | score | chance | baseline | target | met |\n| --- | ---: | ---: | ---: | ---: | --- |")
     for name, value in figures.items():

@@ -10,10 +10,10 @@ from mlflow.tracking import MlflowClient
 from pipeline.checkpoint import read_metadata
 from pipeline.media import MediaConfig, decode
 from pipeline.shards import open_shards
+from pipeline.synth import attribute_key, held_out_combinations
 from pipeline.tracking import search_runs
 from apps.cli import demo as main
 from apps.demo import DemoConfig
-from pipeline.synth import attribute_key, held_out_combinations
 
 STAGES = {"synth", "check", "video_tokenizer", "audio_tokenizer", "tokenize", "llm", "superres", "generate", "eval"}
 

@@ -27,6 +27,7 @@ import math
 import os
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -182,7 +183,7 @@ class Worker:
         return ray.train.get_dataset_shard(name)
 
 
-class Recipe:
+class Recipe(ABC):
     """An app's side of training, built on every worker from the loop config: subclasses load their data in
     `__init__` and implement the methods below. Every rank must run the same collective calls in the same order
     (ZeRO-3 gathers parameters collectively), so validation runs on every rank."""
@@ -190,17 +191,17 @@ class Recipe:
     def __init__(self, worker: Worker):
         self.worker = worker
 
+    @abstractmethod
     def modules(self) -> dict[str, torch.nn.Module]:
         """The modules to optimize, one DeepSpeed engine each; `model` is the one exported."""
-        raise NotImplementedError
 
+    @abstractmethod
     def train_step(self, engines: Mapping[str, Any], draw: int) -> dict[str, float]:
         """Forward, backward and step of one micro-batch; returns sums to accumulate over the logging window."""
-        raise NotImplementedError
 
+    @abstractmethod
     def metrics(self, sums: dict[str, float], seconds: float) -> dict[str, float]:
         """Logged metrics from the window's sums (averaged over ranks) and its wall time; `loss` is shown."""
-        raise NotImplementedError
 
     def validate(self, engines: Mapping[str, Any]) -> dict[str, float]:
         return {}

@@ -556,8 +556,8 @@ def test_a_grown_manifest_tokenizes_only_its_new_inputs_exactly_once_through_a_s
 
 @pytest.mark.heavy
 def test_a_node_lost_mid_run_changes_no_clip(tokenized, corpus, tokenizers, tmp_path):
-    """`benchmarks/multinode.py`: a 0-CPU head and two 1-CPU worker nodes; once the first shard is written, the node
-    running the video tokenizer is removed without warning and a fresh one joins. The job finishes by itself (or a
+    """`benchmarks/multinode.py`: a 0-CPU head and two 1-CPU worker nodes; as soon as the video tokenizer actor has
+    started, the node running it is removed without warning and a fresh one joins. The job finishes by itself (or a
     re-run does), and its shards equal the uninterrupted single-node run's, clip for clip."""
     out = tmp_path / "out"
     command = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "multinode.py"),

@@ -31,6 +31,7 @@ from pipeline.media import MediaConfig, MediaError, decode
 from pipeline.sampling import generate as sample
 from pipeline.sequence import TASKS, Layout, Task, build_prompt, central_mask, parse_sequence
 from pipeline.storage import is_uri
+from pipeline.structure import KIND as STRUCTURE_KIND
 from pipeline.structure import structure_video
 from pipeline.text import WORDS_FILE, TextCondition, TextConfig, TextConditioner, WordVocabulary, \
     load_text_conditioner, stack_embeddings
@@ -159,7 +160,7 @@ def check_cascade(grid: tuple[int, int, int], fingerprint: str, stages: Sequence
 
 class VideoPoet:
     def __init__(self, model, video_tokenizer, audio_tokenizer, words: WordVocabulary, media: MediaConfig,
-                 stages: Sequence[SuperResStage] = ()):
+                 stages: Sequence[SuperResStage] = (), structure: str | bool = STRUCTURE_KIND):
         self.model = model
         self.video_tokenizer = video_tokenizer
         self.audio_tokenizer = audio_tokenizer
@@ -167,6 +168,7 @@ class VideoPoet:
         self.media = media
         self.vocab = model.config.vocab
         self.stages = list(stages)
+        self.structure = structure  # the structure video the model was trained on (its shards' setting)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", sr: Sequence[str | Path] = (),
@@ -186,7 +188,7 @@ class VideoPoet:
         media = from_dict(MediaConfig, extra["media"]["media"])
         stages = [SuperResStage.load(stage_dir, device, sr_text_encoder) for stage_dir in sr]
         poet = cls(load_checkpoint(model_dir, device), video, audio, WordVocabulary.load(model_dir / WORDS_FILE),
-                   media, stages)
+                   media, stages, extra["media"].get("structure", False))
         check_cascade(poet.latent_grid, read_metadata(video_dir)["fingerprint"], stages)
         return poet
 
@@ -328,7 +330,12 @@ class VideoPoet:
         if spec.video_in == "image":
             return self.encode_video(frames[:1])
         frames = frames[: self.media.clip_frames]
-        if spec.video_in == "structure":  # stylization conditions on the clip's flow and luminance
+        if spec.video_in == "structure":  # stylization conditions on the clip's flow and edges
+            if self.structure != STRUCTURE_KIND:
+                trained = (f"on structure videos of another kind ({self.structure!r})" if self.structure
+                           else "on shards without structure videos")
+                raise ValueError(f"stylization: the model was trained {trained}; this version computes "
+                                 f"{STRUCTURE_KIND!r}: tokenize with --structure and train again")
             frames = structure_video(frames[None])[0]
         return self.encode_video(frames)
 

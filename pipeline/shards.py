@@ -81,7 +81,7 @@ SCHEMA = pa.schema([
     pa.field("source_height", pa.int32()),
     pa.field("source_duration", pa.float64()),
     *_token_fields("hr_video", TOKEN_TYPES["hr_video"], True),  # the same clip at 2x, for super-resolution
-    *_token_fields("structure", TOKEN_TYPES["structure"], True),  # flow + luminance video, for stylization
+    *_token_fields("structure", TOKEN_TYPES["structure"], True),  # flow + edges video, for stylization
     pa.field("text_embeddings", pa.list_(pa.float16())),  # (positions, width) of a frozen text encoder
     pa.field("text_shape", pa.list_(pa.int32())),
 ])

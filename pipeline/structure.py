@@ -1,8 +1,12 @@
-"""The structure video for stylization: optical flow and luminance stacked into 3 channels.
+"""The structure video for stylization: optical flow and luminance edges stacked into 3 channels.
 
-VideoPoet stylizes from optical flow and depth tokenized by the same video tokenizer. Flow is Horn-Schunck (dense,
-single-scale, in torch); luminance stands in for depth, which needs a model this project cannot ship. The tokenize
-job writes its tokens (`--structure`) and generation computes it from a conditioning clip.
+VideoPoet stylizes from optical flow and depth tokenized by the same video tokenizer: geometry and motion without
+appearance, so that the prompt decides the look. Flow is Horn-Schunck (dense, single-scale, in torch); the edges of
+the luminance stand in for depth, which needs a model this project cannot ship. Both are computed on luminance
+stretched to [0, 1] over the clip, and the edges are scaled by the clip's strongest: a clip recolored (any color,
+either polarity against its background) gives the same structure video. Raw luminance, used before, carried the
+color, and a model trained on it ignored the prompt's. The tokenize job writes its tokens (`--structure`) and
+generation computes it from a conditioning clip.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+KIND = "flow+edges"  # recorded in the shards' settings: tokens of another structure video get another fingerprint
 FLOW_RANGE = 0.1  # flow of this fraction of the frame width per frame maps to the ends of the uint8 range
 LUMA = (0.299, 0.587, 0.114)
+MIN_CONTRAST = 0.05  # luminance ranges (and edge strengths) below this are not stretched further: noise stays small
 
 
 def _pad(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
@@ -50,18 +56,28 @@ def optical_flow(previous: torch.Tensor, current: torch.Tensor, alpha: float = 0
     return torch.stack([u, v], dim=1)
 
 
+def _edges(x: torch.Tensor) -> torch.Tensor:
+    """Gradient magnitude of (N, H, W) by central differences, per pixel unit."""
+    p = _pad(x, 1, 1)
+    return torch.hypot(p[:, 1:-1, 2:] - p[:, 1:-1, :-2], p[:, 2:, 1:-1] - p[:, :-2, 1:-1]) / 2
+
+
 def structure_video(frames: np.ndarray) -> np.ndarray:
-    """uint8 frames (B, T, H, W, 3) -> the structure video (B, T, H, W, 3): flow x, flow y, luminance.
+    """uint8 frames (B, T, H, W, 3) -> the structure video (B, T, H, W, 3): flow x, flow y, edges.
 
     Flow at frame t is the motion from frame t - 1 (zero at frame 0), scaled so FLOW_RANGE of the frame width per
-    frame spans the uint8 range around 128. Luminance stands in for depth, which needs a model we do not ship.
+    frame spans the uint8 range around 128. Edges are 255 at the clip's strongest luminance edge.
     """
     b, t, h, w, _ = frames.shape
     luma = torch.tensor(frames, dtype=torch.float32) @ torch.tensor(LUMA) / 255
+    low = luma.amin(dim=(1, 2, 3), keepdim=True)
+    luma = (luma - low) / (luma.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(MIN_CONTRAST)
     flow = torch.zeros(b, t, 2, h, w)
     if t > 1:
         pairs = optical_flow(luma[:, :-1].reshape(-1, h, w), luma[:, 1:].reshape(-1, h, w))
         flow[:, 1:] = pairs.reshape(b, t - 1, 2, h, w)
     flow = 128 + 127 * (flow / (FLOW_RANGE * w)).clamp(-1, 1)
-    video = torch.cat([rearrange(flow, "b t c h w -> b t h w c"), luma[..., None] * 255], dim=-1)
+    edges = _edges(luma.reshape(-1, h, w)).reshape(b, t, h, w)
+    edges = edges / edges.amax(dim=(1, 2, 3), keepdim=True).clamp_min(MIN_CONTRAST)
+    video = torch.cat([rearrange(flow, "b t c h w -> b t h w c"), edges[..., None] * 255], dim=-1)
     return video.round().clamp(0, 255).to(torch.uint8).numpy()

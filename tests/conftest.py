@@ -110,6 +110,7 @@ def llm_export(tmp_path_factory):
     from pipeline.magvit import MagvitConfig, MagvitModel
     from pipeline.quantizers import RVQConfig
     from pipeline.soundstream import SoundStreamConfig, SoundStreamModel
+    from pipeline.structure import KIND as STRUCTURE_KIND
     from pipeline.text import WordVocabulary
     from pipeline.vocab import Vocabulary
 
@@ -126,7 +127,8 @@ def llm_export(tmp_path_factory):
         cfg = LLMConfig(**{**cfg.__dict__, "vocab": vocab})
         tokenizers = {"video": {"location": str(root / "video")}, "audio": {"location": str(root / "audio")}}
         save_checkpoint(root / "run" / "model", VideoPoetLM(cfg), cfg,
-                        extra={"tokenizers": tokenizers, "media": {"media": to_dict(media)}})
+                        extra={"tokenizers": tokenizers,
+                               "media": {"media": to_dict(media), "hr": False, "structure": STRUCTURE_KIND}})
         words.save(root / "run" / "model" / "words.json")
         return root
 

@@ -51,6 +51,7 @@ from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.media import LIMIT_FIELDS, MediaConfig
 from pipeline.shards import (ERRORS_SCHEMA, JOBS_DIR, LEGACY_JOBS_DIR, RECORD_SCHEMA, ShardError, ShardMeta,
                              clips_table, fingerprint_of, shard_index, shard_name)
+from pipeline.structure import KIND as STRUCTURE_KIND
 from pipeline.storage import (Busy, NotAFolder, UnsafeUri, check_folder, exclusive, is_uri, open_atomic, owner_record,
                               read_json, redact, redact_values, remove_temporaries, resolve_filesystem, write_json,
                               write_table)
@@ -85,7 +86,7 @@ class TokenizeConfig:
     plan_memory_mb: int = 256  # manifest rows sorted in memory at a time by the planner (its peak: about twice)
     record_flush_s: float = 30.0  # shard records are written together at most this often (0: after every shard)
     hr: bool = False  # also tokenize each clip at 2x (decoded at 2x; the base frames are its 2x2 means)
-    structure: bool = False  # also tokenize the structure video (flow + luminance), for stylization
+    structure: bool = False  # also tokenize the structure video (flow + edges), for stylization
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=False))
 
     def __post_init__(self):
@@ -255,7 +256,7 @@ class TokenizeJob:
                            "text": _text_encoder(text_encoder) if text_encoder else None}
         self._check_tokenizers()
         media = {k: v for k, v in to_dict(cfg.media).items() if k not in LIMIT_FIELDS}  # limits do not change tokens
-        self.settings = {"media": media, "hr": cfg.hr, "structure": cfg.structure}
+        self.settings = {"media": media, "hr": cfg.hr, "structure": STRUCTURE_KIND if cfg.structure else False}
         self.fingerprint = fingerprint_of(self.tokenizers, self.settings)
         self.fs, root = resolve_filesystem(check_folder(self.out))
         self.shard_dir = posixpath.join(root, self.fingerprint)

@@ -2,7 +2,7 @@
 
     Decode           manifest rows -> clip rows (`DecodeClips`), plus the columns the job carries through, then:
       downscale_2x   2x frames -> the base frames (2x2 means) and the 2x frames kept as `frames_hr`
-      add_structure  frames -> the structure video (optical flow x, y and luminance as 3 channels)
+      add_structure  frames -> the structure video (optical flow x, y and luminance edges as 3 channels)
     VideoTokenizer   frame columns -> `<name>_tokens` (rows, t*h*w) int32 and `<name>_shape` (rows, 3)
     AudioTokenizer   audio -> `audio_tokens` (rows, levels*frames) int16, level-major, and `audio_shape`
     TextEncoder      caption -> `text_embeddings` (rows, positions*width) float16, zero-padded, and `text_shape`

@@ -10,6 +10,8 @@ import sys
 
 import pyarrow.fs as pa_fs
 import pytest
+import torch
+from safetensors.torch import load_file
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_checkpoint, read_metadata
@@ -18,36 +20,6 @@ from pipeline.tracking import search_runs
 from train.cli import main
 
 pytestmark = pytest.mark.heavy
-
-
-def test_llm_trains_resumes_exactly_and_exports(shards, trained_straight_and_resumed):
-    shards_dir = shards
-    resumed = trained_straight_and_resumed(main, [
-        "llm", "--config", "debug", "--data", str(shards), "--workers", "2",
-        "--set", "mixture.weights={text_to_video = 1.0, video_to_audio = 1.0, future_prediction = 1.0}"])
-    summary = json.loads((resumed / "summary.json").read_text())
-    assert summary["steps"] == 4
-    load_checkpoint(resumed / "model")  # checks the weights against the recorded fingerprint
-    assert read_metadata(resumed / "model")["fingerprint"] == summary["fingerprint"]
-    assert (resumed / "model" / "words.json").exists()
-
-    (run,) = search_runs(f"sqlite:///{resumed / 'mlflow.db'}", "videopoet")
-    metrics = run.data.metrics
-    assert {"loss", "lr", "tokens_per_s", "mfu", "padding", "val_loss"} <= set(metrics)
-    assert any(k.startswith("loss/") for k in metrics) and any(k.startswith("val_loss/") for k in metrics)
-    assert 0 < metrics["mfu"] < 1
-    assert metrics["system/node0/cpu_utilization_percentage"] >= 0  # both workers' node, sampled by one of them
-
-    # Lineage: the shards it trained on (by fingerprint) and the tokenizers that wrote them, as dataset inputs.
-    uri = f"sqlite:///{resumed / 'mlflow.db'}"
-    found = MlflowClient(uri).get_run(run.info.run_id).inputs.dataset_inputs
-    inputs = {(d.tags[0].value, d.dataset.digest) for d in found}
-    shards = open_shards(str(shards_dir))
-    assert {("train", shards.fingerprint), ("val", shards.fingerprint)} <= inputs
-    assert {(f"{role}_tokenizer", t["fingerprint"]) for role, t in shards.meta.tokenizers.items() if t} <= inputs
-    assert run.data.tags["videopoet.model_fingerprint"] == summary["fingerprint"]
-    experiment = MlflowClient(uri).get_experiment(run.info.experiment_id)
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def first_losses(out):
@@ -90,17 +62,22 @@ def run_app(args, env):
     return proc.returncode, output
 
 
-def test_a_run_folder_on_object_storage(shards, tmp_path, s3_env, s3, capsys):
+def test_llm_trains_resumes_exactly_from_object_storage_and_exports(shards, tmp_path, s3_env, s3, capsys):
+    """Four steps straight into a local folder; the same run into a bucket as two commands (2 steps, then resumed to
+    4 from the checkpoint in the bucket, each in its own process as `videopoet` runs): the same weights."""
+    common = ["--config", "debug", "--data", str(shards), "--workers", "2", "--set", "train.checkpoint_every=2",
+              "--set", "mixture.weights={text_to_video = 1.0, video_to_audio = 1.0, future_prediction = 1.0}"]
+    straight = tmp_path / "straight"
+    assert main(["llm", *common, "--out", str(straight), "--steps", "4"]) == 0
+
     out = "s3://bucket/runs/llm"
-    common = ["--config", "debug", "--data", str(shards), "--out", out, "--workers", "1",
-              "--set", "mixture.weights={text_to_video = 1.0}", "--set", "train.checkpoint_every=2"]
-    assert main(["llm", *common, "--steps", "2"]) == 2  # refused before Ray starts: no local folder for mlflow.db
+    assert main(["llm", *common, "--out", out, "--steps", "2"]) == 2  # refused before Ray starts: no mlflow.db folder
     assert "set tracking.uri to a tracking server" in capsys.readouterr().err
-    tracked = [*common, "--set", f"tracking.uri='sqlite:///{tmp_path / 'mlflow.db'}'"]
-    code, output = run_app([*tracked, "--steps", "2"], s3_env)
-    assert code == 0, output[-3000:]
-    code, output = run_app([*tracked, "--steps", "4"], s3_env)  # resumes from the checkpoint in the bucket
-    assert code == 0, output[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracked = [*common, "--out", out, "--set", f"tracking.uri='{uri}'"]
+    for steps in (2, 4):
+        code, output = run_app([*tracked, "--steps", str(steps)], s3_env)
+        assert code == 0, output[-3000:]
 
     s3 = pa_fs.S3FileSystem(endpoint_override=s3_env["AWS_ENDPOINT_URL_S3"], access_key="testing",
                             secret_key="testing", region="us-east-1")
@@ -109,5 +86,30 @@ def test_a_run_folder_on_object_storage(shards, tmp_path, s3_env, s3, capsys):
     names = {i.base_name for i in s3.get_file_info(pa_fs.FileSelector("bucket/runs/llm/model"))}
     assert {"model.safetensors", "config.json", "words.json"} <= names
     assert {i.base_name for i in s3.get_file_info(pa_fs.FileSelector("bucket/runs/llm/ray/llm"))}  # checkpoints
-    (run,) = search_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "videopoet")  # one run across the two commands
-    assert run.data.metrics["loss"] > 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in names:
+        (resumed / name).write_bytes(s3.open_input_stream(f"bucket/runs/llm/model/{name}").read())
+    a, b = load_file(str(straight / "model" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    load_checkpoint(resumed)  # checks the weights against the recorded fingerprint
+    assert read_metadata(resumed)["fingerprint"] == summary["fingerprint"]
+
+    (run,) = search_runs(uri, "videopoet")  # one run across the two commands
+    metrics = run.data.metrics
+    assert {"loss", "lr", "tokens_per_s", "mfu", "padding", "val_loss"} <= set(metrics)
+    assert any(k.startswith("loss/") for k in metrics) and any(k.startswith("val_loss/") for k in metrics)
+    assert 0 < metrics["mfu"] < 1
+    assert metrics["system/node0/cpu_utilization_percentage"] >= 0  # both workers' node, sampled by one of them
+
+    # Lineage: the shards it trained on (by fingerprint) and the tokenizers that wrote them, as dataset inputs.
+    found = MlflowClient(uri).get_run(run.info.run_id).inputs.dataset_inputs
+    inputs = {(d.tags[0].value, d.dataset.digest) for d in found}
+    tokens = open_shards(str(shards))
+    assert {("train", tokens.fingerprint), ("val", tokens.fingerprint)} <= inputs
+    assert {(f"{role}_tokenizer", t["fingerprint"]) for role, t in tokens.meta.tokenizers.items() if t} <= inputs
+    assert run.data.tags["videopoet.model_fingerprint"] == summary["fingerprint"]
+    experiment = MlflowClient(uri).get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

@@ -33,9 +33,10 @@ def test_recolored_clips_give_the_same_structure_video():
     videos = structure(*clips)
     assert videos.shape == (len(clips), CFG.frames, CFG.height, CFG.width, 3)
     # Equal up to the uint8 rounding of the rendered frames: the dimmest pair (blue on the lightest gray) spans
-    # 29 gray levels, so its antialiased rims round differently.
+    # 29 gray levels, so its antialiased rims round differently (measured: at most 3 levels on flow, 12 on edges,
+    # 0.04 on average; the bars leave room for other CPUs' float rounding).
     change = np.abs(videos - videos[0])
-    assert change[..., :2].max() <= 4 and change[..., 2].max() <= 16 and change.mean() < 0.5
+    assert change[..., :2].max() <= 6 and change[..., 2].max() <= 24 and change.mean() < 0.5
     # The raw luminance (the channel this replaced) tells the colors apart: what made the model ignore the prompt.
     luma = np.stack([render_video(s, CFG) for s in clips]).astype(np.float32) @ np.float32([0.299, 0.587, 0.114])
     assert np.ptp([frames.max() for frames in luma]) > 100

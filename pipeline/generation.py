@@ -332,8 +332,10 @@ class VideoPoet:
         frames = frames[: self.media.clip_frames]
         if spec.video_in == "structure":  # stylization conditions on the clip's flow and edges
             if self.structure != STRUCTURE_KIND:
-                trained = (f"on structure videos of another kind ({self.structure!r})" if self.structure
-                           else "on shards without structure videos")
+                # Shards written before the kind was recorded say `true`: flow and raw luminance.
+                trained = {False: "on shards without structure videos",
+                           True: "on structure videos of flow and raw luminance (an earlier version)"}.get(
+                    self.structure, f"on structure videos of kind {self.structure!r}")
                 raise ValueError(f"stylization: the model was trained {trained}; this version computes "
                                  f"{STRUCTURE_KIND!r}: tokenize with --structure and train again")
             frames = structure_video(frames[None])[0]

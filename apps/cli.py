@@ -12,7 +12,8 @@ from pipeline.sequence import Task
 def demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="videopoet demo", description=module_doc("apps.demo").split("\n\n")[0])
     parser.add_argument("--out", required=True,
-                        help="run folder (corpus, runs of every stage, summary.json, mlflow.db)")
+                        help="run folder, local or an object-store URI (corpus, runs of every stage, summary.json, "
+                             "and mlflow.db unless tracking.uri names a server)")
     parser.add_argument("--config", default=None, help="a TOML file of DemoConfig sections")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set clips=96 or --set llm.train.steps=100")
@@ -27,8 +28,9 @@ def generate_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=doc.split("\n\n", 1)[1])
     tasks = [t.value for t in Task if t != Task.UNCONDITIONAL] + [Task.UNCONDITIONAL.value]
-    parser.add_argument("--checkpoint", required=True, help="run folder of `videopoet train llm` (or its model/), or "
-                                                            "the export in MLflow: runs:/<run_id>/model")
+    parser.add_argument("--checkpoint", required=True, help="run folder of `videopoet train llm` (or its model/), "
+                                                            "local or an object-store URI, or the export in MLflow: "
+                                                            "runs:/<run_id>/model")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""),
                         help="the MLflow tracking URI of runs:/ checkpoints (default: $MLFLOW_TRACKING_URI)")
     parser.add_argument("--task", required=True, choices=tasks)

@@ -1,5 +1,9 @@
 """`videopoet demo --out DIR`: the end-to-end job on embedded defaults (local Ray, local files, MLflow in DIR).
 
+DIR may be an object-store URI (`s3://bucket/runs/demo`, every stage reading and writing there, as on a cluster
+whose nodes share no disk); MLflow then needs a tracking server (`--set tracking.uri=http://...`). Media are
+synthesized and samples written in local temporary folders, then uploaded.
+
 Stages, each a child MLflow run under one parent run:
   synth            the synthetic audio-visual world as real MP4 files and a manifest; the clips of `held_out`
                    attribute combinations are kept out of every training stage
@@ -32,11 +36,11 @@ import numpy as np
 
 from eval.stage import EvalConfig, run_eval
 from pipeline.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
-from pipeline.generation import SamplingConfig, VideoPoet
+from pipeline.generation import SamplingConfig, VideoPoet, model_dir
 from pipeline.manifest import read_manifest
 from pipeline.media import decode, write_video
 from pipeline.oracle import ATTRIBUTES, read_attributes, read_audio_attributes, read_video_attributes, score, score_av
-from pipeline.storage import check_folder, is_uri, redact_values, save_text
+from pipeline.storage import Busy, check_folder, is_uri, redact, redact_values, save_text, staged_folder
 from pipeline.synth import COLORS, MOTIONS, SHAPES, SynthConfig, attribute_key, caption, held_out_combinations, \
     write_corpus
 from pipeline.tracking import TrackingConfig, start_run, ui_url
@@ -44,6 +48,7 @@ from tokenize_jobs.job import TokenizeConfig, TokenizeJob, summary_metrics
 from train.llm import LLMTrainConfig, train_llm
 from train.mixture import check_inputs
 from train.superres import SRTrainConfig, train_sr
+from train.runs import SUMMARY_FILE, RunFolder, write_summary
 from train.tokenizers import AudioModality, AudioTokenizerTrainConfig, VideoModality, VideoTokenizerTrainConfig, \
     train_tokenizer
 
@@ -122,7 +127,7 @@ class Stages:
         return result
 
 
-def check_stage(cfg: DemoConfig, manifest: Path):
+def check_stage(cfg: DemoConfig, manifest: str):
     """Decode the corpus at the tokenizers' clip settings and read it back with the oracle: the data baseline."""
     def run(tracker):
         rows = read_manifest(manifest).to_pylist()
@@ -137,61 +142,64 @@ def check_stage(cfg: DemoConfig, manifest: Path):
     return run
 
 
-def generate_stage(cfg: DemoConfig, out: Path, manifest: Path):
+def generate_stage(cfg: DemoConfig, folder: RunFolder, manifest: str):
     def run(tracker):
-        poet = VideoPoet.load(out / "llm" / "model", sr=[out / "superres" / "model"])
-        samples = out / "samples"
-        samples.mkdir(exist_ok=True)
-        rng = np.random.default_rng(cfg.seed)
-        combos = [dict(zip(ATTRIBUTES, c)) for c in np.array(np.meshgrid(SHAPES, COLORS, MOTIONS, indexing="ij"))
-                  .reshape(3, -1).T.tolist()]
-        held = held_out_combinations(cfg.held_out)
-        prompts = [combos[i] for i in rng.permutation(len(combos)) if attribute_key(combos[i]) not in held]
-        prompts = prompts[: cfg.prompts]
-        unseen = [c for c in combos if attribute_key(c) in held][: cfg.prompts]
-        reads, high_reads = [], []
-        for i, attributes in enumerate(prompts):
-            name = f"{i}_{caption(attributes).replace(' ', '_')}"
-            result = poet.generate("text_to_video", prompt=caption(attributes),
-                                   sampling=replace(cfg.sampling, seed=cfg.seed + i))
-            reads.append(read_video_attributes(result.frames))
-            if i < 4:
-                write_video(str(samples / f"t2v_{name}.mp4"), result.frames, poet.media.fps)
-            if i < cfg.sr_samples:
-                _, high = poet.upsample(result.video_codes, caption(attributes), seed=cfg.seed + i)
-                high_reads.append(read_video_attributes(high))
-                write_video(str(samples / f"sr_{name}.mp4"), side_by_side(result.frames, high), poet.media.fps)
-        t2v = score(reads, prompts)
-        t2v_sr = score(high_reads, prompts[: len(high_reads)])
-        unseen_reads = [read_video_attributes(poet.generate(
-            "text_to_video", prompt=caption(attributes), sampling=replace(cfg.sampling, seed=cfg.seed + i)).frames)
-            for i, attributes in enumerate(unseen)]
-
-        held_out = [r for r in read_manifest(manifest).to_pylist() if r.get("split") == "val"][: cfg.audio_samples]
-        audio_reads, audio_expected, reconstructed = [], [], []
-        for i, row in enumerate(held_out):
-            clip = decode(row["path"], poet.media).clips[0]
-            result = poet.generate("video_to_audio", frames=clip.frames,
-                                   sampling=replace(cfg.sampling, seed=cfg.seed + i))
-            audio_reads.append(read_audio_attributes(result.audio, poet.media.sample_rate))
-            audio_expected.append({a: row[a] for a in ATTRIBUTES})
-            # What the tokens keep: the oracle on the tokenizers' reconstruction of the real clip.
-            frames = poet.decode_video(poet.encode_video(clip.frames))
-            audio = poet.decode_audio(poet.encode_audio(clip.audio))
-            reconstructed.append(read_attributes(frames, audio, poet.media.sample_rate))
-            if i < 4:
-                write_video(str(samples / f"v2a_{i}.mp4"), clip.frames, poet.media.fps, result.audio,
-                            poet.media.sample_rate)
-        v2a = score(audio_reads, audio_expected)
-        tokens = score_av(reconstructed, audio_expected)
-        figures = {"text_to_video": t2v, "text_to_video_2x": t2v_sr, "video_to_audio": v2a,
-                   "tokenizer_roundtrip": tokens}
-        if unseen:
-            figures["text_to_video_held_out"] = score(unseen_reads, unseen)
-        tracker.log_metrics({f"{task}.{k}": v for task, scores in figures.items() for k, v in scores.items()})
-        tracker.log_artifact(samples, "samples")
-        return figures
+        with staged_folder(folder.uri("samples")) as samples:
+            return _generate(cfg, folder, manifest, samples, tracker)
     return run
+
+
+def _generate(cfg: DemoConfig, folder: RunFolder, manifest: str, samples: Path, tracker) -> dict:
+    poet = VideoPoet.load(model_dir(folder.uri("llm")), sr=[model_dir(folder.uri("superres"))])
+    rng = np.random.default_rng(cfg.seed)
+    combos = [dict(zip(ATTRIBUTES, c)) for c in np.array(np.meshgrid(SHAPES, COLORS, MOTIONS, indexing="ij"))
+              .reshape(3, -1).T.tolist()]
+    held = held_out_combinations(cfg.held_out)
+    prompts = [combos[i] for i in rng.permutation(len(combos)) if attribute_key(combos[i]) not in held]
+    prompts = prompts[: cfg.prompts]
+    unseen = [c for c in combos if attribute_key(c) in held][: cfg.prompts]
+    reads, high_reads = [], []
+    for i, attributes in enumerate(prompts):
+        name = f"{i}_{caption(attributes).replace(' ', '_')}"
+        result = poet.generate("text_to_video", prompt=caption(attributes),
+                               sampling=replace(cfg.sampling, seed=cfg.seed + i))
+        reads.append(read_video_attributes(result.frames))
+        if i < 4:
+            write_video(str(samples / f"t2v_{name}.mp4"), result.frames, poet.media.fps)
+        if i < cfg.sr_samples:
+            _, high = poet.upsample(result.video_codes, caption(attributes), seed=cfg.seed + i)
+            high_reads.append(read_video_attributes(high))
+            write_video(str(samples / f"sr_{name}.mp4"), side_by_side(result.frames, high), poet.media.fps)
+    t2v = score(reads, prompts)
+    t2v_sr = score(high_reads, prompts[: len(high_reads)])
+    unseen_reads = [read_video_attributes(poet.generate(
+        "text_to_video", prompt=caption(attributes), sampling=replace(cfg.sampling, seed=cfg.seed + i)).frames)
+        for i, attributes in enumerate(unseen)]
+
+    held_out = [r for r in read_manifest(manifest).to_pylist() if r.get("split") == "val"][: cfg.audio_samples]
+    audio_reads, audio_expected, reconstructed = [], [], []
+    for i, row in enumerate(held_out):
+        clip = decode(row["path"], poet.media).clips[0]
+        result = poet.generate("video_to_audio", frames=clip.frames,
+                               sampling=replace(cfg.sampling, seed=cfg.seed + i))
+        audio_reads.append(read_audio_attributes(result.audio, poet.media.sample_rate))
+        audio_expected.append({a: row[a] for a in ATTRIBUTES})
+        # What the tokens keep: the oracle on the tokenizers' reconstruction of the real clip.
+        frames = poet.decode_video(poet.encode_video(clip.frames))
+        audio = poet.decode_audio(poet.encode_audio(clip.audio))
+        reconstructed.append(read_attributes(frames, audio, poet.media.sample_rate))
+        if i < 4:
+            write_video(str(samples / f"v2a_{i}.mp4"), clip.frames, poet.media.fps, result.audio,
+                        poet.media.sample_rate)
+    v2a = score(audio_reads, audio_expected)
+    tokens = score_av(reconstructed, audio_expected)
+    figures = {"text_to_video": t2v, "text_to_video_2x": t2v_sr, "video_to_audio": v2a,
+               "tokenizer_roundtrip": tokens}
+    if unseen:
+        figures["text_to_video_held_out"] = score(unseen_reads, unseen)
+    tracker.log_metrics({f"{task}.{k}": v for task, scores in figures.items() for k, v in scores.items()})
+    tracker.log_artifact(samples, "samples")
+    return figures
 
 
 def side_by_side(low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -202,80 +210,81 @@ def side_by_side(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return np.concatenate([enlarged, high], axis=2)
 
 
-def run_demo(cfg: DemoConfig, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    save_text(out / "demo_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+def run_demo(cfg: DemoConfig, out: str) -> dict:
+    folder = RunFolder(out)
     began = time.perf_counter()
-    with start_run(cfg.tracking, out, "demo", params={"clips": cfg.clips, "seed": cfg.seed}) as parent:
-        stages = Stages(parent)
-        manifest = stages.run("synth", lambda run: synth_corpus(cfg, out, run), cfg.synth)
-        data = stages.run("check", check_stage(cfg, manifest))
-        video = stages.run("video_tokenizer", lambda p: train_tokenizer(
-            "video", cfg.video_tokenizer, str(manifest), out / "video_tokenizer", parent=p), own_run=True)
-        audio = stages.run("audio_tokenizer", lambda p: train_tokenizer(
-            "audio", cfg.audio_tokenizer, str(manifest), out / "audio_tokenizer", parent=p), own_run=True)
-        tokenized = stages.run("tokenize", lambda run: _tokenize(cfg, out, manifest, video, audio, run), cfg.tokenize)
-        llm = stages.run("llm", lambda p: train_llm(cfg.llm, str(out / "shards"), out / "llm", parent=p),
-                         own_run=True)
-        superres = stages.run("superres", lambda p: train_sr(cfg.superres, str(out / "shards"), out / "superres",
-                                                             parent=p), own_run=True)
-        figures = stages.run("generate", generate_stage(cfg, out, manifest), cfg.sampling)
-        stages.run("eval", lambda p: run_eval(
-            replace(cfg.eval, max_samples=cfg.eval_samples), out / "llm", "synthetic", out / "eval", parent=p,
-            real=str(held_out_manifest(manifest))), own_run=True)
-        summary = {
-            "adherence": {name: figures[name]["all"] for name in ADHERENCE if name in figures},
-            "chance": {"all_attributes": CHANCE_ALL, "shape": 1 / len(SHAPES), "color": 1 / len(COLORS),
-                       "motion": 1 / len(MOTIONS)},
-            "scores": figures,
-            "data_oracle": {"video": data["video.all"], "audio": data["audio.all"]},
-            "tokenizers": {"video": video["metrics"], "audio": audio["metrics"]},
-            "tokenize": {k: tokenized[k] for k in ("clips", "inputs_failed", "clips_per_s")},
-            "llm": llm["metrics"],
-            "superres": superres["metrics"],
-            "eval": str(out / "eval" / "metrics.json"),
-            "stage_seconds": stages.seconds,
-            "total_seconds": time.perf_counter() - began,
-            "mlflow": {"tracking_uri": parent.uri, "run_id": parent.run_id,
-                       "ui": ui_url(parent.uri, parent.experiment_id) if parent.run_id else ""},
-        }
-        save_text(out / "summary.json", json.dumps(redact_values(summary), indent=2) + "\n")
-        parent.log_artifact(out / "summary.json")
-        parent.log_metrics({"total_seconds": summary["total_seconds"],
-                            **{f"adherence.{k}": v for k, v in summary["adherence"].items()}})
-    print_summary(summary, out)
+    with folder.hold("demo"):
+        folder.write_text("demo_config.json", json.dumps(redact_values(to_dict(cfg)), indent=2) + "\n")
+        store = None if folder.remote else folder.location  # a server otherwise (`check_tracking`)
+        with start_run(cfg.tracking, store, "demo", params={"clips": cfg.clips, "seed": cfg.seed}) as parent:
+            summary = _stages(cfg, folder, parent, began)
+    print_summary(summary, folder)
     return summary
 
 
-def synth_corpus(cfg: DemoConfig, out: Path, tracker) -> Path:
-    """The world's corpus (`corpus/manifest.jsonl`) and what trains on it: its clips but those of held-out
-    combinations (`corpus/train.jsonl`)."""
-    rows = write_corpus(out / "corpus", cfg.synth, cfg.clips, cfg.seed)
-    held = held_out_combinations(cfg.held_out)
-    train = [r for r in rows if attribute_key(r) not in held]
-    save_text(out / "corpus" / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train))
-    tracker.log_metrics({"clips": len(rows), "clips_trained_on": len(train)})
-    tracker.log_artifact(out / "corpus" / "manifest.jsonl")
-    return out / "corpus" / "train.jsonl"
+def _stages(cfg: DemoConfig, folder: RunFolder, parent, began: float) -> dict:
+    stages = Stages(parent)
+    manifest, held_out = stages.run("synth", lambda run: synth_corpus(cfg, folder, run), cfg.synth)
+    data = stages.run("check", check_stage(cfg, manifest))
+    video = stages.run("video_tokenizer", lambda p: train_tokenizer(
+        "video", cfg.video_tokenizer, manifest, folder.uri("video_tokenizer"), parent=p), own_run=True)
+    audio = stages.run("audio_tokenizer", lambda p: train_tokenizer(
+        "audio", cfg.audio_tokenizer, manifest, folder.uri("audio_tokenizer"), parent=p), own_run=True)
+    tokenized = stages.run("tokenize", lambda run: _tokenize(cfg, folder, manifest, video, audio, run), cfg.tokenize)
+    shards = folder.uri("shards")
+    llm = stages.run("llm", lambda p: train_llm(cfg.llm, shards, folder.uri("llm"), parent=p), own_run=True)
+    superres = stages.run("superres", lambda p: train_sr(cfg.superres, shards, folder.uri("superres"), parent=p),
+                          own_run=True)
+    figures = stages.run("generate", generate_stage(cfg, folder, manifest), cfg.sampling)
+    stages.run("eval", lambda p: run_eval(replace(cfg.eval, max_samples=cfg.eval_samples), folder.uri("llm"),
+                                          "synthetic", folder.uri("eval"), parent=p, real=held_out), own_run=True)
+    summary = {
+        "adherence": {name: figures[name]["all"] for name in ADHERENCE if name in figures},
+        "chance": {"all_attributes": CHANCE_ALL, "shape": 1 / len(SHAPES), "color": 1 / len(COLORS),
+                   "motion": 1 / len(MOTIONS)},
+        "scores": figures,
+        "data_oracle": {"video": data["video.all"], "audio": data["audio.all"]},
+        "tokenizers": {"video": video["metrics"], "audio": audio["metrics"]},
+        "tokenize": {k: tokenized[k] for k in ("clips", "inputs_failed", "clips_per_s")},
+        "llm": llm["metrics"],
+        "superres": superres["metrics"],
+        "eval": f"{folder.uri('eval')}/metrics.json",
+        "stage_seconds": stages.seconds,
+        "total_seconds": time.perf_counter() - began,
+        "mlflow": {"tracking_uri": parent.uri, "run_id": parent.run_id,
+                   "ui": ui_url(parent.uri, parent.experiment_id) if parent.run_id else ""},
+    }
+    write_summary(folder, parent, summary)
+    parent.log_metrics({"total_seconds": summary["total_seconds"],
+                        **{f"adherence.{k}": v for k, v in summary["adherence"].items()}})
+    return summary
 
 
-def held_out_manifest(manifest: Path) -> Path:
-    """The manifest's `val` rows beside it: FVD's reference set, clips the models never trained on."""
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    held_out = manifest.with_name("val.jsonl")
-    save_text(held_out, "".join(json.dumps(r) + "\n" for r in rows if r.get("split") == "val"))
-    return held_out
+def synth_corpus(cfg: DemoConfig, folder: RunFolder, tracker) -> tuple[str, str]:
+    """The world's corpus (`corpus/manifest.jsonl`), what trains on it: its clips but those of held-out combinations
+    (`corpus/train.jsonl`), and that manifest's `val` rows (`corpus/val.jsonl`, FVD's reference: clips no model
+    trained on). Returns the locations of the last two."""
+    manifests = ("manifest.jsonl", "train.jsonl", "val.jsonl")
+    with staged_folder(folder.uri("corpus"), last=manifests) as corpus:
+        rows = write_corpus(corpus, cfg.synth, cfg.clips, cfg.seed)
+        held = held_out_combinations(cfg.held_out)
+        train = [r for r in rows if attribute_key(r) not in held]
+        save_text(corpus / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train))
+        save_text(corpus / "val.jsonl", "".join(json.dumps(r) + "\n" for r in train if r.get("split") == "val"))
+        tracker.log_metrics({"clips": len(rows), "clips_trained_on": len(train)})
+        tracker.log_artifact(corpus / "manifest.jsonl")
+    return folder.uri("corpus/train.jsonl"), folder.uri("corpus/val.jsonl")
 
 
-def _tokenize(cfg: DemoConfig, out: Path, manifest: Path, video: dict, audio: dict, tracker) -> dict:
-    job = TokenizeJob(cfg.tokenize, str(manifest), str(out / "shards"), video["tokenizer"], audio["tokenizer"])
+def _tokenize(cfg: DemoConfig, folder: RunFolder, manifest: str, video: dict, audio: dict, tracker) -> dict:
+    job = TokenizeJob(cfg.tokenize, manifest, folder.uri("shards"), video["tokenizer"], audio["tokenizer"])
     summary = job.run()
     tracker.log_metrics(summary_metrics(summary))
     job.log_lineage(tracker, summary)
     return summary
 
 
-def print_summary(summary: dict, out: Path) -> None:
+def print_summary(summary: dict, folder: RunFolder) -> None:
     scores = summary["scores"]
     print(f"\nvideopoet demo: prompt adherence measured by the synthetic world's oracle "
           f"(chance for all three attributes: {summary['chance']['all_attributes']:.1%})")
@@ -290,7 +299,7 @@ def print_summary(summary: dict, out: Path) -> None:
           + f" {summary['chance']['all_attributes']:>7.1%}")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_seconds"].items())
     print(f"stages: {stages}; total {summary['total_seconds']:.0f} s")
-    print(f"summary: {out / 'summary.json'}; samples: {out / 'samples'}")
+    print(f"summary: {folder.uri(SUMMARY_FILE)}; samples: {folder.uri('samples')}")
     if summary["mlflow"]["run_id"]:
         uri = summary["mlflow"]["tracking_uri"]
         serve = "" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}, then open "
@@ -304,18 +313,25 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
     return from_dict(DemoConfig, apply_overrides(base, [*args.overrides, *quiet]))
 
 
+def check_tracking(cfg: DemoConfig, out: str) -> None:
+    if is_uri(out) and cfg.tracking.enabled and not cfg.tracking.uri:
+        raise ValueError(f"tracking: --out {redact(out)} is an object-store URI, so the embedded MLflow store has no "
+                         "local folder: set tracking.uri to a tracking server (--set tracking.uri=http://HOST:5000), "
+                         "or tracking.enabled=false")
+
+
 def run(args: argparse.Namespace) -> int:
     """`videopoet demo` with its arguments parsed (`apps.cli`)."""
     try:
         cfg = demo_config(args)
-        if is_uri(args.out):
-            # It synthesizes its corpus with local ffmpeg and samples from local exports, on one machine.
-            raise ValueError(f"--out {args.out}: the demo runs on one machine into a local folder; on a cluster, "
-                             "submit the apps with object-store --out (README, 'For platform teams: run on a cluster')")
+        check_tracking(cfg, args.out)
         check_folder(args.out)
     except (ConfigError, ValueError) as e:
         print(f"videopoet demo: {e}", file=sys.stderr)
         return 2
-    run_demo(cfg, Path(args.out))
+    try:
+        run_demo(cfg, args.out)
+    except Busy as e:
+        print(f"videopoet demo: {e}", file=sys.stderr)
+        return 2
     return 0
-

@@ -12,7 +12,9 @@
 lowest resolution first) upsamples the result through each super-resolution stage of `videopoet train sr`: the
 sampled codes of a single clip directly, an extended video or an image clip by clip from its frames. The sampled
 tokens are saved beside the video as `<out>.tokens.npz`. Checkpoints given as `runs:/<run_id>/<path>` are fetched
-from MLflow (safetensors and JSON only, as from a folder) into ~/.cache/videopoet/mlflow.
+from MLflow (safetensors and JSON only, as from a folder) into ~/.cache/videopoet/mlflow, those given as
+object-store URIs (`s3://bucket/runs/llm`, and the tokenizers an export names that way) into
+~/.cache/videopoet/exports, fetched again when the export there changes.
 """
 
 from __future__ import annotations

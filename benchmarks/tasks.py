@@ -57,6 +57,7 @@ from pipeline.tracking import NullRun
 from superres_quality import COLUMNS, measure
 from tokenize_jobs.job import TokenizeJob
 from train.llm import train_llm
+from train.runs import RunFolder
 from train.superres import train_sr
 from train.tokenizers import train_tokenizer
 
@@ -94,7 +95,7 @@ def prepare(cfg: DemoConfig, work: Path) -> tuple[dict[str, float], Path]:
 
     manifest = corpus / "train.jsonl"
     if not manifest.exists():
-        timed("synth", lambda: synth_corpus(cfg, work, NullRun()))
+        timed("synth", lambda: synth_corpus(cfg, RunFolder(work), NullRun()))
     video = timed("video_tokenizer", lambda: train_tokenizer("video", cfg.video_tokenizer, str(manifest),
                                                              work / "video_tokenizer"))
     audio = timed("audio_tokenizer", lambda: train_tokenizer("audio", cfg.audio_tokenizer, str(manifest),

@@ -17,7 +17,8 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", required=True,
                         help="a JSONL or text prompts file, or a built-in set (below)")
     parser.add_argument("--real", help="a corpus manifest: the real clips FVD compares against")
-    parser.add_argument("--out", required=True, help="output folder (samples.parquet, metrics.json, plots, ...)")
+    parser.add_argument("--out", required=True, help="output folder or object-store URI (samples.parquet, "
+                                                     "metrics.json, plots, ...)")
     parser.add_argument("--config", default="demo", help="flavor (debug, demo, paper) or a TOML file")
     parser.add_argument("--samples", type=int, help="evaluate only the first N samples (max_samples)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -50,7 +50,7 @@ from pipeline.lineage import export_record, manifest_record, prompts_record
 from pipeline.manifest import read_manifest
 from pipeline.media import MediaConfig, write_video
 from pipeline.sequence import Task
-from pipeline.storage import check_folder, save_text
+from pipeline.storage import check_folder, is_uri, redact, save_text, staged_folder
 from pipeline.synth import ATTRIBUTES
 from pipeline.tracking import RUN_FILE, TrackingConfig, attach, start_run
 
@@ -58,6 +58,7 @@ from pipeline.tracking import RUN_FILE, TrackingConfig, attach, start_run
 GENERATE_GPU_SHARE = 0.75
 FEATURE_GPU_SHARE = 0.25
 MAX_INPUT_BLOCKS = 1024
+METRICS_FILE = "metrics.json"
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -233,11 +234,20 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
              real: Optional[str] = None) -> dict[str, Any]:
     """Generate for `prompts` from the LLM run `checkpoint` and evaluate; returns the report (OUT/metrics.json).
 
+    out: a local folder or an object-store URI (the files are written locally, then uploaded, metrics.json last).
     parent: a `pipeline.tracking.Run` (the training or demo run) to nest this stage's run under.
     """
+    location = check_folder(str(out))
+    if is_uri(location) and parent is None and cfg.tracking.enabled and not cfg.tracking.uri:
+        raise ValueError(f"tracking: --out {redact(location)} is an object-store URI, so the embedded MLflow store "
+                         "has no local folder: set tracking.uri to a tracking server (or tracking.enabled = false)")
+    with staged_folder(location, last=(METRICS_FILE,)) as folder:
+        return _evaluate(cfg, checkpoint, prompts, folder, parent, real)
+
+
+def _evaluate(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: Path, parent,
+              real: Optional[str]) -> dict[str, Any]:
     began = time.perf_counter()
-    out = Path(check_folder(str(out)))
-    out.mkdir(parents=True, exist_ok=True)
     model = model_dir(str(checkpoint))
     media = export_media(model)
     prompt_set: PromptSet = load_prompts(prompts, cfg.samples_per_prompt, cfg.synthetic_tasks)
@@ -283,9 +293,9 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
             plot_attributes(report["fairness"]["attributes"], out / "plots" / "attributes.png", labels)
         report["seconds"] = time.perf_counter() - began
         report["run_id"], report["tracking_uri"] = run.run_id, run.uri
-        save_text(out / "metrics.json", json.dumps(jsonable(report), indent=2) + "\n")
+        save_text(out / METRICS_FILE, json.dumps(jsonable(report), indent=2) + "\n")
         run.log_metrics({**flat_metrics(report), "seconds": report["seconds"]})
-        for path in (out / "metrics.json", out / "samples.parquet", out / "eval_config.json"):
+        for path in (out / METRICS_FILE, out / "samples.parquet", out / "eval_config.json"):
             run.log_artifact(path)
         run.log_artifact(out / "plots", "plots")
         for path in samples:

@@ -15,20 +15,23 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import posixpath
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pa_fs
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.config import from_dict, identity_json, to_dict
-from pipeline.storage import atomic_path, save_text
+from pipeline.storage import atomic_path, is_uri, redact, resolve_filesystem, save_text
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FINGERPRINT_CHARS = 16
+EXPORT_CACHE = Path.home() / ".cache" / "videopoet" / "exports"  # local copies of object-store exports
 
 # kind -> ("module:ConfigClass", "module:ModelClass"); the model class is built as ModelClass(config)
 MODEL_KINDS: dict[str, tuple[str, str]] = {
@@ -124,3 +127,31 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     model = model_class(config)
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval()
+
+
+def local_export(location: str | Path, cache: str | Path | None = None) -> Path:
+    """A local folder holding the export at `location`: the folder itself, or an object-store export copied into
+    `cache` (default `EXPORT_CACHE`), keyed by location. A copy is reused while its config equals the store's (the config records the
+    weights' fingerprint, which `load_checkpoint` checks) and is written config last, so one cut short is fetched
+    again."""
+    location = str(location)
+    if not is_uri(location):
+        return Path(location)
+    fs, root = resolve_filesystem(location)
+    try:
+        with fs.open_input_stream(posixpath.join(root, CONFIG_FILE)) as f:
+            config = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {redact(location)}: no {CONFIG_FILE}") from None
+    target = Path(cache or EXPORT_CACHE) / redact(location).replace("://", "/").replace("@", "_")
+    cached = target / CONFIG_FILE
+    if cached.is_file() and cached.read_bytes() == config:
+        return target
+    cached.unlink(missing_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
+    for info in fs.get_file_info(pa_fs.FileSelector(root)):
+        if info.type == pa_fs.FileType.File and posixpath.basename(info.path) != CONFIG_FILE:
+            with fs.open_input_stream(info.path) as src:
+                (target / posixpath.basename(info.path)).write_bytes(src.read())
+    save_text(cached, config.decode())
+    return target

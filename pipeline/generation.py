@@ -15,22 +15,24 @@ clip by clip, from its frames.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pa_fs
 import torch
 from torch import Tensor
 
-from pipeline.checkpoint import CONFIG_FILE, load_checkpoint, read_metadata
+from pipeline.checkpoint import CONFIG_FILE, load_checkpoint, local_export, read_metadata
 from pipeline.config import from_dict
 from pipeline.magvit import tensor_to_video, video_to_tensor
 from pipeline.masking import DecodingConfig
 from pipeline.media import MediaConfig, MediaError, decode
 from pipeline.sampling import generate as sample
 from pipeline.sequence import TASKS, Layout, Task, build_prompt, central_mask, parse_sequence
-from pipeline.storage import is_uri
+from pipeline.storage import is_uri, resolve_filesystem
 from pipeline.structure import KIND as STRUCTURE_KIND
 from pipeline.structure import structure_video
 from pipeline.text import WORDS_FILE, TextCondition, TextConfig, TextConditioner, WordVocabulary, \
@@ -91,7 +93,7 @@ class SuperResStage:
         """A stage conditioned by a frozen text encoder takes it from `text_encoder`, a folder the caller names,
         never from a path in the export's JSON: loading an encoder runs a `torch.export` program, which data (a
         downloaded export) must not be able to choose."""
-        model_dir = Path(model_dir)
+        model_dir = local_export(model_dir)
         meta = read_metadata(model_dir)
         tokenizers = meta["extra"].get("tokenizers")
         if meta["kind"] != "superres" or not tokenizers:
@@ -175,7 +177,7 @@ class VideoPoet:
              sr_text_encoder: str | Path | None = None) -> "VideoPoet":
         """An LLM export, and the super-resolution exports `sr` to cascade after it, lowest resolution first
         (`sr_text_encoder`: the text encoder folder of stages conditioned on one, see `SuperResStage.load`)."""
-        model_dir = Path(model_dir)
+        model_dir = local_export(model_dir)
         meta = read_metadata(model_dir)
         extra = meta["extra"]
         tokenizers = extra.get("tokenizers")
@@ -362,7 +364,13 @@ class VideoPoet:
 
 
 def model_dir(checkpoint: str | Path) -> Path:
-    """A run folder of `videopoet train llm` / `train sr`, or its `model/` export."""
+    """The local folder of an export given as a run folder of `videopoet train llm` / `train sr` or as its `model/`
+    export, local or behind an object-store URI (copied here, `local_export`)."""
+    location = str(checkpoint)
+    if is_uri(location):
+        fs, path = resolve_filesystem(location)
+        run_folder = fs.get_file_info(posixpath.join(path, "model", CONFIG_FILE)).type == pa_fs.FileType.File
+        return local_export(f"{location.rstrip('/')}/model" if run_folder else location)
     path = Path(checkpoint)
     return path / "model" if (path / "model" / CONFIG_FILE).exists() else path
 
@@ -376,5 +384,6 @@ def load_frames(path: str, media: MediaConfig, image: bool) -> tuple[np.ndarray,
     return (clip.frames[:1] if image else clip.frames), clip.audio
 
 
-def _local(location: str) -> str:
-    return location if is_uri(location) else str(Path(location).expanduser().resolve())
+def _local(location: str) -> Path:
+    """A tokenizer export as its record names it (a path or a URI), as a local folder."""
+    return local_export(location) if is_uri(location) else Path(location).expanduser().resolve()

@@ -15,13 +15,15 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import socket
+import tempfile
 import threading
 import time
 import urllib.parse
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pa_fs
@@ -204,6 +206,31 @@ def remove_temporaries(fs: pa_fs.FileSystem, directory: str) -> int:
     for path in stale:
         fs.delete_file(path)
     return len(stale)
+
+
+def upload_folder(local: str | Path, location: str, last: Sequence[str] = ()) -> None:
+    """Copy the files under the local folder to `location`, each written atomically, those named in `last` (paths
+    relative to the folder) after the others: a reader that waits for them finds the rest whole."""
+    local = Path(local)
+    fs, root = resolve_filesystem(location)
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.relative_to(local).as_posix() in last)
+    for path in files:
+        with open(path, "rb") as src:
+            write_atomic(fs, posixpath.join(root, path.relative_to(local).as_posix()),
+                         lambda out: shutil.copyfileobj(src, out, 1 << 22))
+
+
+@contextlib.contextmanager
+def staged_folder(location: str, last: Sequence[str] = ()) -> Iterator[Path]:
+    """A local folder to write what belongs at `location`: the folder itself, or for an object-store URI a temporary
+    one uploaded when the block succeeds (`upload_folder`)."""
+    if not is_uri(location):
+        Path(location).mkdir(parents=True, exist_ok=True)
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="videopoet-staged-") as tmp:
+        yield Path(tmp)
+        upload_folder(tmp, location, last)
 
 
 def write_table(fs: pa_fs.FileSystem, path: str, table: pa.Table,

@@ -244,11 +244,12 @@ def search_runs(uri: str, experiment: str, filter_string: str = "") -> list[Any]
     return [] if exp is None else client.search_runs([exp.experiment_id], filter_string)
 
 
-def fetch_export(location: str, tracking_uri: str, cache: str | Path) -> Path:
-    """A local folder of an export: `location` itself, or for `runs:/<run_id>/<path>` the run's artifacts downloaded
-    from `tracking_uri` into `cache` (once; a finished run's artifacts do not change)."""
+def fetch_export(location: str, tracking_uri: str, cache: str | Path) -> str | Path:
+    """`location` itself (a path or an object-store URI), or for `runs:/<run_id>/<path>` the local folder its run's
+    artifacts are downloaded into from `tracking_uri`, under `cache` (once; a finished run's artifacts do not
+    change)."""
     if not location.startswith("runs:/"):
-        return Path(location)
+        return location
     import mlflow.artifacts
 
     if not tracking_uri:

@@ -36,6 +36,15 @@ def s3_env():
 
 
 @pytest.fixture
+def tracking_server(tmp_path):
+    """`mlflow server` with its store in tmp_path/server (`servers.mlflow_server`): its URI and process group."""
+    from servers import mlflow_server
+
+    with mlflow_server(tmp_path / "server") as server:
+        yield server
+
+
+@pytest.fixture
 def s3(s3_env, monkeypatch):
     """The `s3_env` server with its environment set in this process; a filesystem on it."""
     import pyarrow.fs as pa_fs

@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,20 +30,12 @@ import psutil
 import pyarrow.fs as pa_fs
 import pytest
 
+from servers import free_ports
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 SYSTEM_PATH = "/usr/bin:/bin"  # sh, ffmpeg; nothing of the virtualenv
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def wait_for_job_server(address, token, proc, log, timeout=120):

@@ -1,13 +1,15 @@
 """The README's main job end to end, on a tiny budget: every stage runs for real (Ray Data, Ray Train, DeepSpeed,
 MLflow, ffmpeg) with a few steps each."""
 
+import fnmatch
 import hashlib
 import json
 
+import pyarrow.fs as pa_fs
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoint import read_metadata
+from pipeline.checkpoint import local_export, read_metadata
 from pipeline.media import MediaConfig, decode
 from pipeline.shards import open_shards
 from pipeline.synth import attribute_key, held_out_combinations
@@ -16,14 +18,15 @@ from apps.cli import demo as main
 from apps.demo import DemoConfig
 
 STAGES = {"synth", "check", "video_tokenizer", "audio_tokenizer", "tokenize", "llm", "superres", "generate", "eval"}
+TINY = [a for s in ["clips=12", "prompts=2", "audio_samples=1", "sr_samples=1", "video_tokenizer.train.steps=2",
+                    "audio_tokenizer.train.steps=2", "llm.train.steps=2", "llm.train.eval_every=2",
+                    "superres.train.steps=2", "superres.train.eval_every=2", "synth.val_fraction=0.25",
+                    "eval_samples=2"] for a in ("--set", s)]
 
 
 @pytest.mark.heavy
 def test_demo_end_to_end(tmp_path, capsys):
-    settings = ["clips=12", "prompts=2", "audio_samples=1", "sr_samples=1", "video_tokenizer.train.steps=2",
-                "audio_tokenizer.train.steps=2", "llm.train.steps=2", "llm.train.eval_every=2",
-                "superres.train.steps=2", "superres.train.eval_every=2", "synth.val_fraction=0.25", "eval_samples=2"]
-    assert main(["--out", str(tmp_path), *(a for s in settings for a in ("--set", s))]) == 0
+    assert main(["--out", str(tmp_path), *TINY]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["data_oracle"]["video"] >= 0.99 and summary["data_oracle"]["audio"] >= 0.99
     assert set(summary["adherence"]) == {"text_to_video", "text_to_video_held_out", "text_to_video_2x",
@@ -46,7 +49,44 @@ def test_demo_end_to_end(tmp_path, capsys):
     parent = runs["demo"].info.run_id
     assert all(runs[s].data.tags["mlflow.parentRunId"] == parent for s in STAGES)
     assert "adherence" in capsys.readouterr().out
-    check_lineage(summary["mlflow"]["tracking_uri"], runs, tmp_path)
+    check_lineage(summary["mlflow"]["tracking_uri"], runs, str(tmp_path))
+
+
+@pytest.mark.heavy
+def test_demo_into_a_bucket(s3, tracking_server, tmp_path, monkeypatch, capsys):
+    """The demo with its run folder on object storage and MLflow on a server, as on a cluster whose nodes share no
+    disk: every stage reads and writes the bucket, and nothing lands locally but caches and temporaries."""
+    uri, _ = tracking_server
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # a URI taken for a path would become a folder `s3:` here
+    monkeypatch.setattr("pipeline.checkpoint.EXPORT_CACHE", tmp_path / "cache")
+    out = "s3://bucket/runs/demo"
+    assert main(["--out", out, *TINY, "--set", f"tracking.uri='{uri}'"]) == 0
+    summary = json.loads(read_text(f"{out}/summary.json"))
+    assert summary["tokenize"]["clips"] == 9 and summary["eval"] == f"{out}/eval/metrics.json"
+    assert set(summary["adherence"]) == {"text_to_video", "text_to_video_held_out", "text_to_video_2x",
+                                         "video_to_audio"}
+    keys = {info.path.removeprefix("bucket/runs/demo/")
+            for info in s3.get_file_info(pa_fs.FileSelector("bucket/runs/demo", recursive=True))
+            if info.type == pa_fs.FileType.File}
+    for pattern in ("corpus/videos/*.mp4", "corpus/train.jsonl", "video_tokenizer/tokenizer/config.json",
+                    "audio_tokenizer/tokenizer/model.safetensors", "shards/*.parquet", "llm/model/config.json",
+                    "superres/model/config.json", "samples/t2v_*.mp4", "samples/sr_*.mp4", "samples/v2a_*.mp4",
+                    "eval/metrics.json", "eval/samples.parquet", "demo_config.json"):
+        assert fnmatch.filter(keys, pattern), pattern
+    assert not any(".tmp-" in key for key in keys)
+    assert not list((tmp_path / "cwd").iterdir())
+    assert sorted(tmp_path.rglob("*.db")) == [tmp_path / "server" / "mlflow.db"]
+    runs = {r.info.run_name: r for r in search_runs(uri, "videopoet")}
+    assert STAGES | {"demo"} <= set(runs) and all(r.info.status == "FINISHED" for r in runs.values())
+    assert "adherence" in capsys.readouterr().out
+    check_lineage(uri, runs, out)
+
+
+def read_text(location):
+    fs, path = pa_fs.FileSystem.from_uri(location) if "://" in location else (pa_fs.LocalFileSystem(), location)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
 
 
 def check_lineage(uri, runs, out):
@@ -57,10 +97,10 @@ def check_lineage(uri, runs, out):
     def inputs(stage):
         return {d.tags[0].value: d.dataset for d in client.get_run(runs[stage].info.run_id).inputs.dataset_inputs}
 
-    ids = sorted(json.loads(line)["id"] for line in (out / "corpus" / "train.jsonl").read_text().splitlines())
+    ids = sorted(json.loads(line)["id"] for line in read_text(f"{out}/corpus/train.jsonl").splitlines())
     manifest_digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
-    shards = open_shards(str(out / "shards"))
-    llm = read_metadata(out / "llm" / "model")["fingerprint"]
+    shards = open_shards(f"{out}/shards")
+    llm = read_metadata(local_export(f"{out}/llm/model"))["fingerprint"]
 
     tokenize = inputs("tokenize")
     assert tokenize["source"].digest == inputs("video_tokenizer")["train"].digest == manifest_digest
@@ -78,7 +118,7 @@ def check_lineage(uri, runs, out):
     evaluated = inputs("eval")
     assert evaluated["model"].digest == llm
     assert evaluated["prompts"].name == "prompts-synthetic" and json.loads(evaluated["prompts"].profile)["num_rows"] > 0
-    val_ids = sorted(json.loads(line)["id"] for line in (out / "corpus" / "val.jsonl").read_text().splitlines())
+    val_ids = sorted(json.loads(line)["id"] for line in read_text(f"{out}/corpus/val.jsonl").splitlines())
     assert evaluated["reference"].digest == hashlib.sha256("\n".join(val_ids).encode()).hexdigest()[:16]
 
 
@@ -96,3 +136,5 @@ def test_demo_rejects_unknown_keys_and_empty_sample_counts(tmp_path, capsys):
     assert "synth.widht" in capsys.readouterr().err
     assert main(["--out", str(tmp_path), "--set", "sr_samples=0"]) == 2
     assert "sr_samples must be >= 1" in capsys.readouterr().err
+    assert main(["--out", "s3://bucket/runs/demo"]) == 2  # refused before the bucket is touched
+    assert "set tracking.uri to a tracking server" in capsys.readouterr().err

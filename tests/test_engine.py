@@ -93,7 +93,8 @@ def test_a_run_folder_is_held_by_one_run(tmp_path):
 
 def test_run_folders_on_an_object_store(s3, tmp_path):
     from pipeline.tracking import TrackingConfig
-    from train.runs import RunFolder, local_export, open_run
+    from pipeline.checkpoint import local_export
+    from train.runs import RunFolder, open_run
 
     folder = RunFolder("s3://bucket/runs/llm")
     with folder.hold("llm"):

@@ -4,9 +4,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.checkpoint import save_checkpoint
-from pipeline.config import load_config, to_dict
+from pipeline.config import from_dict, load_config, to_dict
 from pipeline.generation import SamplingConfig, VideoPoet
 from pipeline.magvit import MagvitConfig
 from pipeline.masking import DecodingConfig
@@ -110,3 +111,39 @@ def test_cli_loads_an_export_from_mlflow(export, tmp_path, monkeypatch, capsys):
     assert "runs:/0123456789abcdef/model: cannot fetch it from" in capsys.readouterr().err
     assert main(["--checkpoint", f"runs:/{run.run_id}/model", "--tracking-uri", "", *args]) == 2
     assert "give the MLflow tracking URI" in capsys.readouterr().err
+
+
+def test_cli_loads_an_export_from_object_storage(export, s3, tmp_path, monkeypatch, capsys):
+    """A run folder in a bucket whose export names its tokenizers by URI, as `train llm --out s3://...` writes it;
+    the local copy is fetched again once the export there changes."""
+    from pipeline.checkpoint import read_metadata
+    from pipeline.llm import LLMConfig, VideoPoetLM
+    from pipeline.storage import upload_folder
+
+    monkeypatch.setattr("pipeline.checkpoint.EXPORT_CACHE", tmp_path / "cache")
+    for name in ("video", "audio"):
+        upload_folder(export / name, f"s3://bucket/exp/{name}")
+    model = tmp_path / "model"
+    meta = read_metadata(export / "run" / "model")
+    meta["extra"]["tokenizers"] = {name: {"location": f"s3://bucket/exp/{name}"} for name in ("video", "audio")}
+    (model / "config.json").parent.mkdir()
+    (model / "words.json").write_bytes((export / "run" / "model" / "words.json").read_bytes())
+    (model / "model.safetensors").write_bytes((export / "run" / "model" / "model.safetensors").read_bytes())
+    (model / "config.json").write_text(json.dumps(meta))
+    upload_folder(model, "s3://bucket/exp/run/model", last=("config.json",))
+    args = ["--task", "text_to_image", "--prompt", "a red circle moving left", "--out", str(tmp_path / "a.mp4")]
+    assert main(["--checkpoint", "s3://bucket/exp/run", *args]) == 0
+    cached = tmp_path / "cache" / "s3" / "bucket" / "exp"
+    assert read_metadata(cached / "run" / "model")["fingerprint"] == meta["fingerprint"]
+    assert (cached / "video" / "model.safetensors").exists() and (tmp_path / "a.mp4").exists()
+
+    torch.manual_seed(1)  # another model at the same location
+    config = from_dict(LLMConfig, meta["config"])
+    save_checkpoint(model, VideoPoetLM(config), config, extra=meta["extra"])
+    upload_folder(model, "s3://bucket/exp/run/model", last=("config.json",))
+    assert read_metadata(model)["fingerprint"] != meta["fingerprint"]
+    assert main(["--checkpoint", "s3://bucket/exp/run/model", *args]) == 0
+    assert read_metadata(cached / "run" / "model")["fingerprint"] == read_metadata(model)["fingerprint"]
+    capsys.readouterr()
+    assert main(["--checkpoint", "s3://bucket/nothing", *args]) == 2
+    assert "checkpoint s3://bucket/nothing: no config.json" in capsys.readouterr().err

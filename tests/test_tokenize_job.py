@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from tokenize_jobs.cli import shards as shards_command
 from tokenize_jobs.cli import tokenize as main
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob
 from pipeline.structure import structure_video
+from servers import free_ports
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real"
 CFG = load_config(TokenizeConfig, "debug", kind="tokenize")
@@ -428,16 +428,6 @@ def end_session(proc, grace_s=20.0):
         except ProcessLookupError:
             pass
     proc.wait()
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.mark.heavy

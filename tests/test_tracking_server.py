@@ -3,17 +3,10 @@ the server opens and artifacts proxied to a separate folder; the tokenize job an
 inside its Ray Train worker) talk to it over HTTP; the runs are read back from its REST API, an export loads by
 `runs:/`, and, where Chromium is installed, the UI's runs page and a run's metrics page are screenshotted."""
 
-import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import psutil
@@ -27,61 +20,11 @@ from apps.cli import generate
 from pipeline.checkpoint import read_metadata
 from pipeline.shards import open_shards
 from pipeline.tracking import ui_url
+from servers import stop
 from tokenize_jobs.cli import tokenize
 from train.cli import main as train
 
 pytestmark = pytest.mark.heavy
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc, grace_s=20.0):
-    """SIGTERM the process group `proc` leads (started with start_new_session), SIGKILL it after `grace_s`."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # what the leader left in its group (uvicorn workers, Chromium helpers)
-    proc.wait()
-
-
-@pytest.fixture
-def tracking_server(tmp_path):
-    """`mlflow server` on a free port: SQLite in tmp_path/server, artifacts served from tmp_path/server/artifacts; its
-    URI and the pid of the process group it leads. Only the server opens the database: one uvicorn worker and no job
-    runner (by default the server also starts huey consumers, for GenAI evaluation jobs, that open the backend store
-    and leave their queues in /dev/shm)."""
-    folder = tmp_path / "server"
-    folder.mkdir()
-    port = free_port()
-    log = open(folder / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-                             "--artifacts-destination", str(folder / "artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120  # it creates and migrates the database first: slow on a busy machine
-        while True:
-            assert proc.poll() is None, (folder / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=5):
-                    break
-            except (urllib.error.URLError, OSError):
-                assert time.monotonic() < deadline, (folder / "server.log").read_text()[-3000:]
-                time.sleep(0.5)
-        yield uri, proc.pid
-    finally:
-        stop(proc)
-        log.close()
 
 
 def browse(browser, url, png, profile):

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from pipeline.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from pipeline.checkpoint import load_checkpoint, local_export, read_metadata, save_checkpoint
 from pipeline.config import ConfigError, from_dict, identity_json, to_dict
 from pipeline.lineage import export_record
 from pipeline.llm import LLMConfig, VideoPoetLM
@@ -40,7 +40,7 @@ from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worke
                           result_metrics)
 from train.flops import matmul_peak_flops, transformer_flops_per_token
 from train.mixture import Mixture, MixtureConfig, Row, check_inputs, collate, rows_from_table
-from train.runs import EXPORT_CACHE, RunFolder, local_export, log_export, open_run, write_run_config, write_summary
+from train.runs import RunFolder, log_export, open_run, write_run_config, write_summary
 
 TOKEN_COLUMNS = ["clip_id", "caption", "split", "video_tokens", "video_shape", "audio_tokens", "audio_shape",
                  "structure_tokens", "structure_shape"]
@@ -116,7 +116,7 @@ class LLMRecipe(Recipe):
     def modules(self) -> dict[str, torch.nn.Module]:
         model = VideoPoetLM(self.model_cfg)
         if self.app.init:
-            model.load_state_dict(load_checkpoint(local_export(self.app.init, EXPORT_CACHE)).state_dict())
+            model.load_state_dict(load_checkpoint(local_export(self.app.init)).state_dict())
         return {"model": Objective(model)}
 
     def _inputs(self, sequences, conditions):
@@ -193,7 +193,7 @@ def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, paren
     """Train (or resume) the LLM on shards; returns the summary also written to OUT/summary.json."""
     folder = RunFolder(out)
     shards = open_shards(data)
-    init = local_export(app.init, EXPORT_CACHE) if app.init else None
+    init = local_export(app.init) if app.init else None
     init_meta = init_metadata(app.init, init) if init else {}  # before its words are read
     with folder.hold("llm"):
         table = shards.to_table(["caption", "has_audio"])

@@ -12,21 +12,17 @@ import contextlib
 import json
 import os
 import posixpath
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import pyarrow.fs as pa_fs
-
 from pipeline.checkpoint import CONFIG_FILE, read_metadata
 from pipeline.storage import (check_folder, exclusive, is_uri, owner_record, redact, redact_values, resolve_filesystem,
-                              write_atomic)
+                              staged_folder, write_atomic)
 from pipeline.tracking import RUN_FILE, attach, start_run
 
 RUN_CONFIG_FILE = "run_config.json"  # the app's resolved config
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".lock"  # held by the run's driver
-EXPORT_CACHE = Path.home() / ".cache" / "videopoet" / "exports"  # local copies of object-store exports
 
 
 class RunFolder:
@@ -68,15 +64,8 @@ class RunFolder:
     def export_dir(self, name: str) -> Iterator[Path]:
         """A local folder to write the export `name` into: the run folder's own, or a temporary one whose files are
         uploaded when the block succeeds, the config last (a reader sees an export only once it is whole)."""
-        if not self.remote:
-            yield Path(self.location) / name
-            return
-        with tempfile.TemporaryDirectory(prefix="videopoet-export-") as tmp:
-            yield Path(tmp)
-            files = sorted(Path(tmp).iterdir(), key=lambda p: p.name == CONFIG_FILE)
-            for path in files:
-                with open(path, "rb") as src:
-                    write_atomic(self.fs, self._path(f"{name}/{path.name}"), lambda out: out.write(src.read()))
+        with staged_folder(self.uri(name), last=(CONFIG_FILE,)) as folder:
+            yield folder
 
 
 def write_run_config(folder: RunFolder, config: Mapping[str, Any]) -> None:
@@ -112,20 +101,3 @@ def log_export(run: Any, export: Path, artifact_path: str) -> str:
     run.log_artifact(export, artifact_path)
     run.set_tags({"videopoet.model_fingerprint": fingerprint})
     return fingerprint
-
-
-def local_export(location: str, cache: str | Path) -> Path:
-    """A local folder holding the export at `location`: the folder itself, or an object-store export copied into
-    `cache` (keyed by location; checkpoints verify their fingerprint when loaded)."""
-    if not is_uri(location):
-        return Path(location)
-    fs, root = resolve_filesystem(location)
-    target = Path(cache) / redact(location).replace("://", "/").replace("@", "_")
-    if not (target / CONFIG_FILE).exists():
-        target.mkdir(parents=True, exist_ok=True)
-        infos = fs.get_file_info(pa_fs.FileSelector(root))
-        for info in sorted(infos, key=lambda i: posixpath.basename(i.path) == CONFIG_FILE):
-            if info.type == pa_fs.FileType.File:
-                with fs.open_input_stream(info.path) as src:
-                    (target / posixpath.basename(info.path)).write_bytes(src.read())
-    return target

@@ -36,7 +36,7 @@ import torch
 
 from pipeline.adversarial import (PerceptualLoss, STFTDiscriminator, STFTDiscriminatorConfig, VideoDiscriminator,
                                   VideoDiscriminatorConfig, load_perceptual_network)
-from pipeline.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from pipeline.checkpoint import load_checkpoint, local_export, read_metadata, save_checkpoint
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.lineage import export_record, manifest_record
 from pipeline.magvit import MagvitConfig, MagvitModel, inflate_from_image, tensor_to_video, video_to_tensor
@@ -48,7 +48,7 @@ from pipeline.tracking import TrackingConfig
 from pipeline.storage import Busy
 from train.cli import app_config
 from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, final_weights, fit, result_metrics)
-from train.runs import EXPORT_CACHE, RunFolder, local_export, log_export, open_run, write_run_config, write_summary
+from train.runs import RunFolder, log_export, open_run, write_run_config, write_summary
 
 
 def _data_parallel() -> DeepSpeedConfig:
@@ -370,12 +370,12 @@ def initial_model(modality: Any, app: Any) -> torch.nn.Module:
     """A fresh tokenizer, or with `init_image` the image tokenizer of that export inflated into a video one."""
     if not getattr(app, "init_image", ""):
         return modality.build(app.model)
-    return inflate_from_image(load_checkpoint(local_export(app.init_image, EXPORT_CACHE)).train())
+    return inflate_from_image(load_checkpoint(local_export(app.init_image)).train())
 
 
 def check_init_image(app: Any) -> dict[str, Any]:
     """What the run records of `init_image`; refuses an export that is not an image tokenizer of this architecture."""
-    meta = read_metadata(local_export(app.init_image, EXPORT_CACHE))
+    meta = read_metadata(local_export(app.init_image))
     where = f"init_image {app.init_image}"
     if meta["kind"] != "magvit" or meta["extra"].get("mode") != "image":
         raise ValueError(f"{where}: not an image tokenizer (a {meta['kind']} export trained with mode = "
@@ -491,7 +491,7 @@ def train_tokenizer(modality_name: str, app: Any, manifest: str, out: str | Path
             run.log_dataset(manifest_record(manifest, table), "train")
             if origin:
                 run.set_tags(origin)
-                run.log_dataset(export_record(local_export(app.init_image, EXPORT_CACHE)), "init")
+                run.log_dataset(export_record(local_export(app.init_image)), "init")
             result = fit(name, TokenizerRecipe, app, folder.location, run, {"train": train_ds, "val": val_ds},
                          modality=modality_name, manifest=str(manifest))
             weights, step = final_weights(result)

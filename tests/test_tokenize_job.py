@@ -35,7 +35,7 @@ from pipeline.synth import SynthConfig, write_corpus
 from pipeline.text import ENCODER_FILE, WORDS_FILE, FrozenTextEncoder, WordVocabulary
 from tokenize_jobs.cli import shards as shards_command
 from tokenize_jobs.cli import tokenize as main
-from tokenize_jobs.job import TokenizeConfig, TokenizeJob
+from tokenize_jobs.job import TokenizeConfig, TokenizeJob, cpu_shortfall
 from pipeline.structure import structure_video
 from servers import free_ports
 
@@ -281,6 +281,16 @@ def test_bad_arguments_are_named(tokenizers, corpus, tmp_path, capsys):
     (tmp_path / "old" / "_jobs" / fingerprint / "job.json").write_text("{}")
     assert main(job_args(corpus, tmp_path / "old", tokenizers)) == 2
     assert f"{fingerprint} was started by an earlier version of the tokenize job" in capsys.readouterr().err
+
+
+def test_a_cluster_too_small_for_one_actor_per_pool_is_said():
+    cfg = dataclasses.replace(CFG, decode_cpus=0.5, tokenizer_cpus=1.0, side_cpus=0.5)
+    assert cpu_shortfall(cfg, audio=True, text=False, cpus=2) is None
+    short = cpu_shortfall(cfg, audio=True, text=True, cpus=2)
+    assert short.startswith("tokenize: one actor per pool needs 2.5 CPUs (decode 0.5, video tokenizer 1, audio "
+                            "tokenizer 0.5, text encoder 0.5) and the cluster has 2: the job waits until nodes join")
+    alone = cpu_shortfall(cfg, audio=False, text=False, cpus=0)  # an autoscaling cluster's head before any worker
+    assert "needs 1.5 CPUs (decode 0.5, video tokenizer 1) and the cluster has 0:" in alone
 
 
 def test_records_are_batched_checked_by_size_and_compacted(tokenizers, tmp_path, monkeypatch):

@@ -215,6 +215,20 @@ class RecordLog:
             self.pending = []
 
 
+def cpu_shortfall(cfg: TokenizeConfig, audio: bool, text: bool, cpus: float) -> str | None:
+    """Said when a CPU cluster of `cpus` cannot hold one actor of each pool, with which Ray would wait silently;
+    None when they fit."""
+    needs = {"decode": cfg.decode_cpus, "video tokenizer": cfg.tokenizer_cpus,
+             **({"audio tokenizer": cfg.side_cpus} if audio else {}),
+             **({"text encoder": cfg.side_cpus} if text else {})}
+    if sum(needs.values()) <= cpus:
+        return None
+    parts = ", ".join(f"{name} {n:g}" for name, n in needs.items())
+    return (f"tokenize: one actor per pool needs {sum(needs.values()):g} CPUs ({parts}) and the cluster has {cpus:g}: "
+            "the job waits until nodes join (an autoscaler adds them); otherwise add a node or lower decode_cpus, "
+            "tokenizer_cpus or side_cpus")
+
+
 def record_files(fs: pa_fs.FileSystem, folder: str) -> list[str]:
     """The record files of a tokenization, oldest first (one listing)."""
     infos = fs.get_file_info(pa_fs.FileSelector(folder, allow_not_found=True))
@@ -403,6 +417,9 @@ class TokenizeJob:
         audio, text = self.tokenizers["audio"], self.tokenizers["text"]
         cpu = {"num_cpus": cfg.tokenizer_cpus}
         video_share = 1 - SIDE_GPU_SHARE * ((audio is not None) + (text is not None))
+        if not gpus and (short := cpu_shortfall(cfg, audio is not None, text is not None,
+                                                ray.cluster_resources().get("CPU", 0))):
+            print(short, file=sys.stderr, flush=True)
         actors = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus or cfg.tokenizer_actors)
         ds = clips.map_batches(VideoTokenizer, fn_constructor_args=(self.tokenizers["video"]["location"],
                                                                    self.output_columns()),

@@ -18,10 +18,10 @@ from apps.cli import demo as main
 from apps.demo import DemoConfig
 
 STAGES = {"synth", "check", "video_tokenizer", "audio_tokenizer", "tokenize", "llm", "superres", "generate", "eval"}
-TINY = [a for s in ["clips=12", "prompts=2", "audio_samples=1", "sr_samples=1", "video_tokenizer.train.steps=2",
-                    "audio_tokenizer.train.steps=2", "llm.train.steps=2", "llm.train.eval_every=2",
-                    "superres.train.steps=2", "superres.train.eval_every=2", "synth.val_fraction=0.25",
-                    "eval_samples=2"] for a in ("--set", s)]
+TINY = [a for s in ["clips=12", "prompts=2", "audio_samples=1", "image_samples=1", "sr_samples=1",
+                    "video_tokenizer.train.steps=2", "audio_tokenizer.train.steps=2", "llm.train.steps=2",
+                    "llm.train.eval_every=2", "superres.train.steps=2", "superres.train.eval_every=2",
+                    "synth.val_fraction=0.25", "eval_samples=2"] for a in ("--set", s)]
 
 
 @pytest.mark.heavy
@@ -30,7 +30,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["data_oracle"]["video"] >= 0.99 and summary["data_oracle"]["audio"] >= 0.99
     assert set(summary["adherence"]) == {"text_to_video", "text_to_video_held_out", "text_to_video_2x",
-                                         "video_to_audio"}
+                                         "image_to_video", "video_to_audio"}
     assert summary["chance"]["all_attributes"] == pytest.approx(1 / 48)
     # 3 of the first 12 clips have held-out combinations: no stage trains on them
     trained = [json.loads(line) for line in (tmp_path / "corpus" / "train.jsonl").read_text().splitlines()]
@@ -38,7 +38,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert len(trained) == 9 and not any(attribute_key(r) in held for r in trained)
     assert summary["tokenize"]["clips"] == 9 and summary["llm"]
     assert summary["superres"]
-    for pattern in ("t2v_*.mp4", "v2a_*.mp4", "sr_*.mp4"):
+    for pattern in ("t2v_*.mp4", "i2v_*.mp4", "v2a_*.mp4", "sr_*.mp4"):
         assert list((tmp_path / "samples").glob(pattern)), pattern
     (side_by_side,) = (tmp_path / "samples").glob("sr_*.mp4")
     frames = decode(str(side_by_side), MediaConfig(height=64, width=128, clip_frames=17)).clips[0].frames
@@ -65,7 +65,7 @@ def test_demo_into_a_bucket(s3, tracking_server, tmp_path, monkeypatch, capsys):
     summary = json.loads(read_text(f"{out}/summary.json"))
     assert summary["tokenize"]["clips"] == 9 and summary["eval"] == f"{out}/eval/metrics.json"
     assert set(summary["adherence"]) == {"text_to_video", "text_to_video_held_out", "text_to_video_2x",
-                                         "video_to_audio"}
+                                         "image_to_video", "video_to_audio"}
     keys = {info.path.removeprefix("bucket/runs/demo/")
             for info in s3.get_file_info(pa_fs.FileSelector("bucket/runs/demo", recursive=True))
             if info.type == pa_fs.FileType.File}

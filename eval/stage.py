@@ -237,10 +237,11 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
     out: a local folder or an object-store URI (the files are written locally, then uploaded, metrics.json last).
     parent: a `pipeline.tracking.Run` (the training or demo run) to nest this stage's run under.
     """
-    location = check_folder(str(out))
+    location = str(out)
     if is_uri(location) and parent is None and cfg.tracking.enabled and not cfg.tracking.uri:
         raise ValueError(f"tracking: --out {redact(location)} is an object-store URI, so the embedded MLflow store "
                          "has no local folder: set tracking.uri to a tracking server (or tracking.enabled = false)")
+    check_folder(location)
     with staged_folder(location, last=(METRICS_FILE,)) as folder:
         return _evaluate(cfg, checkpoint, prompts, folder, parent, real)
 

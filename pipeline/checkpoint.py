@@ -131,9 +131,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
 
 def local_export(location: str | Path, cache: str | Path | None = None) -> Path:
     """A local folder holding the export at `location`: the folder itself, or an object-store export copied into
-    `cache` (default `EXPORT_CACHE`), keyed by location. A copy is reused while its config equals the store's (the config records the
-    weights' fingerprint, which `load_checkpoint` checks) and is written config last, so one cut short is fetched
-    again."""
+    `cache` (default `EXPORT_CACHE`), keyed by location. A copy is reused while its config equals the store's (the
+    config records the weights' fingerprint, which `load_checkpoint` checks) and is written config last, so one cut
+    short is fetched again."""
     location = str(location)
     if not is_uri(location):
         return Path(location)

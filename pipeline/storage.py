@@ -51,6 +51,10 @@ class Busy(RuntimeError):
     """An output folder that another running job holds."""
 
 
+class Unreachable(ValueError):
+    """An object-store location whose store does not answer (unknown host or bucket, refused credentials)."""
+
+
 class NotAFolder(ValueError):
     """An output folder that cannot be one: it, or a folder above it, is a file."""
 
@@ -115,13 +119,18 @@ def is_object_store(fs: pa_fs.FileSystem) -> bool:
 
 
 def check_folder(location: str, what: str = "--out") -> str:
-    """`location`, unless it or (locally) a folder above it is a file (NotAFolder, naming `what`): an output folder
-    refused before any work rather than at its first write."""
-    fs, path = resolve_filesystem(location)
-    # Object stores have no folders, only key prefixes: only a key at the location itself is in the way.
-    entries = [Path(path), *Path(path).parents] if isinstance(fs, pa_fs.LocalFileSystem) else [path]
-    for entry in entries:
-        kind = fs.get_file_info(str(entry)).type
+    """`location`, unless it or (locally) a folder above it is a file (NotAFolder, naming `what`) or its object store
+    does not answer (Unreachable): an output folder refused before any work rather than at its first write."""
+    try:
+        fs, path = resolve_filesystem(location)
+        # Object stores have no folders, only key prefixes: only a key at the location itself is in the way.
+        entries = [Path(path), *Path(path).parents] if isinstance(fs, pa_fs.LocalFileSystem) else [path]
+        kinds = [fs.get_file_info(str(entry)).type for entry in entries]
+    except OSError as e:  # an unknown host or bucket, refused credentials
+        if not is_uri(location):
+            raise
+        raise Unreachable(f"{what} {redact(location)}: cannot reach it ({e})") from None
+    for entry, kind in zip(entries, kinds):
         if kind == pa_fs.FileType.File:
             where = "" if str(entry) == path else f": {entry}"
             raise NotAFolder(f"{what} {redact(location)}{where} is a file, not a folder")

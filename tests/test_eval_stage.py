@@ -145,6 +145,9 @@ def test_cli_errors_name_the_input(tmp_path, capsys):
     assert "give --tracking-uri" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "llm"), *args, "--set", "bootstrap=0"]) == 2
     assert "EvalConfig.bootstrap must be >= 1" in capsys.readouterr().err
+    bucket = ["--prompts", "synthetic", "--out", "s3://bucket/eval", "--config", "debug"]
+    assert main(["--checkpoint", str(tmp_path / "llm"), *bucket]) == 2  # refused before the bucket is reached
+    assert "--out s3://bucket/eval is an object-store URI" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------- the stage

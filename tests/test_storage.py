@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.storage import (Busy, UnsafeUri, check_uri, exclusive, is_uri, owner_record, redact, redact_values,
-                              remove_temporaries, resolve_filesystem, save_text, write_json, write_table)
+from pipeline.storage import (Busy, UnsafeUri, Unreachable, check_folder, check_uri, exclusive, is_uri, owner_record,
+                              redact, redact_values, remove_temporaries, resolve_filesystem, save_text, write_json,
+                              write_table)
 
 LOCAL = pa_fs.LocalFileSystem()
 
@@ -93,6 +94,15 @@ def test_a_failed_upload_publishes_nothing(s3):
     keys = [i.path for i in s3.get_file_info(pa_fs.FileSelector("bucket/t", recursive=True))]
     assert keys == ["bucket/t/shard-00000.parquet"]  # no truncated shard, no temporary left behind
     assert s3.get_file_info(keys[0]).size == size and pq.read_table(keys[0], filesystem=s3).equals(table)
+
+
+def test_a_store_that_does_not_answer_is_named(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # discard port: nothing listens
+    for key, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(Unreachable, match=r"^--out s3://\*\*\*@bucket/runs: cannot reach it \(.*Could not connect"):
+        check_folder("s3://user:secret@bucket/runs")
 
 
 def test_object_store_lease(s3, monkeypatch):

@@ -13,9 +13,9 @@ Stages, each a child MLflow run under one parent run:
   tokenize         the Ray Data tokenize job -> Parquet token shards
   llm              train the LLM on the shards (Ray Train + DeepSpeed ZeRO-3)
   superres         train one 2x super-resolution stage on the shards' 2x tokens (Ray Train + DeepSpeed ZeRO-3)
-  generate         text-to-video (of trained and of held-out combinations) and video-to-audio samples, scored by
-                   the oracle against their prompts; the first text-to-video samples also through the 2x stage,
-                   written low- and high-resolution side by side
+  generate         text-to-video (of trained and of held-out combinations), image-to-video and video-to-audio
+                   (of held-out clips) samples, scored by the oracle against their prompts; the first text-to-video
+                   samples also through the 2x stage, written low- and high-resolution side by side
   eval             the Ray evaluation stage on the synthetic prompts: FVD (against the held-out clips) and CLIPSIM
                    (random-init I3D and CLIP, labelled so), prompt adherence and audio-visual agreement by the
                    oracle, logged to MLflow
@@ -152,6 +152,21 @@ def generate_stage(cfg: DemoConfig, folder: RunFolder, manifest: str):
 
 def _generate(cfg: DemoConfig, folder: RunFolder, manifest: str, samples: Path, tracker) -> dict:
     poet = VideoPoet.load(model_dir(folder.uri("llm")), sr=[model_dir(folder.uri("superres"))])
+    held_out = [r for r in read_manifest(manifest).to_pylist() if r.get("split") == "val"]
+    figures = {**text_to_video(cfg, poet, samples), **image_to_video(cfg, poet, held_out[: cfg.image_samples], samples),
+               **video_to_audio(cfg, poet, held_out[: cfg.audio_samples], samples)}
+    tracker.log_metrics({f"{task}.{k}": v for task, scores in figures.items() for k, v in scores.items()})
+    tracker.log_artifact(samples, "samples")
+    return figures
+
+
+def _sampling(cfg: DemoConfig, i: int) -> SamplingConfig:
+    return replace(cfg.sampling, seed=cfg.seed + i)
+
+
+def text_to_video(cfg: DemoConfig, poet: VideoPoet, samples: Path) -> dict:
+    """Every trained combination once (at most `prompts`), the first `sr_samples` also through the 2x stage, and
+    the held-out combinations."""
     rng = np.random.default_rng(cfg.seed)
     combos = [dict(zip(ATTRIBUTES, c)) for c in np.array(np.meshgrid(SHAPES, COLORS, MOTIONS, indexing="ij"))
               .reshape(3, -1).T.tolist()]
@@ -162,8 +177,7 @@ def _generate(cfg: DemoConfig, folder: RunFolder, manifest: str, samples: Path, 
     reads, high_reads = [], []
     for i, attributes in enumerate(prompts):
         name = f"{i}_{caption(attributes).replace(' ', '_')}"
-        result = poet.generate("text_to_video", prompt=caption(attributes),
-                               sampling=replace(cfg.sampling, seed=cfg.seed + i))
+        result = poet.generate("text_to_video", prompt=caption(attributes), sampling=_sampling(cfg, i))
         reads.append(read_video_attributes(result.frames))
         if i < 4:
             write_video(str(samples / f"t2v_{name}.mp4"), result.frames, poet.media.fps)
@@ -171,48 +185,45 @@ def _generate(cfg: DemoConfig, folder: RunFolder, manifest: str, samples: Path, 
             _, high = poet.upsample(result.video_codes, caption(attributes), seed=cfg.seed + i)
             high_reads.append(read_video_attributes(high))
             write_video(str(samples / f"sr_{name}.mp4"), side_by_side(result.frames, high), poet.media.fps)
-    t2v = score(reads, prompts)
-    t2v_sr = score(high_reads, prompts[: len(high_reads)])
-    unseen_reads = [read_video_attributes(poet.generate(
-        "text_to_video", prompt=caption(attributes), sampling=replace(cfg.sampling, seed=cfg.seed + i)).frames)
-        for i, attributes in enumerate(unseen)]
+    figures = {"text_to_video": score(reads, prompts),
+               "text_to_video_2x": score(high_reads, prompts[: len(high_reads)])}
+    if unseen:
+        figures["text_to_video_held_out"] = score([read_video_attributes(poet.generate(
+            "text_to_video", prompt=caption(attributes), sampling=_sampling(cfg, i)).frames)
+            for i, attributes in enumerate(unseen)], unseen)
+    return figures
 
-    held_out = [r for r in read_manifest(manifest).to_pylist() if r.get("split") == "val"]
-    image_reads, first_frames = [], []
-    for i, row in enumerate(held_out[: cfg.image_samples]):
+
+def image_to_video(cfg: DemoConfig, poet: VideoPoet, rows: list[dict], samples: Path) -> dict:
+    """A clip's first frame and caption -> a clip, next to the baseline of that frame held still (shape and color
+    right, motion left to the oracle's reading of a still)."""
+    reads, stills = [], []
+    for i, row in enumerate(rows):
         frames = decode(row["path"], poet.media).clips[0].frames
-        result = poet.generate("image_to_video", frames=frames[:1], prompt=row["caption"],
-                               sampling=replace(cfg.sampling, seed=cfg.seed + i))
-        image_reads.append(read_video_attributes(result.frames))
-        first_frames.append(read_video_attributes(np.repeat(frames[:1], len(frames), axis=0)))
+        result = poet.generate("image_to_video", frames=frames[:1], prompt=row["caption"], sampling=_sampling(cfg, i))
+        reads.append(read_video_attributes(result.frames))
+        stills.append(read_video_attributes(np.repeat(frames[:1], len(frames), axis=0)))
         if i < 4:
             write_video(str(samples / f"i2v_{i}.mp4"), side_by_side(frames, result.frames), poet.media.fps)
-    image_expected = [{a: row[a] for a in ATTRIBUTES} for row in held_out[: cfg.image_samples]]
+    expected = [{a: row[a] for a in ATTRIBUTES} for row in rows]
+    return {"image_to_video": score(reads, expected), "image_to_video_still": score(stills, expected)}
 
-    audio_reads, audio_expected, reconstructed = [], [], []
-    for i, row in enumerate(held_out[: cfg.audio_samples]):
+
+def video_to_audio(cfg: DemoConfig, poet: VideoPoet, rows: list[dict], samples: Path) -> dict:
+    """A clip's frames -> its sound, and what the tokens keep: the oracle on the tokenizers' reconstruction."""
+    reads, reconstructed = [], []
+    for i, row in enumerate(rows):
         clip = decode(row["path"], poet.media).clips[0]
-        result = poet.generate("video_to_audio", frames=clip.frames,
-                               sampling=replace(cfg.sampling, seed=cfg.seed + i))
-        audio_reads.append(read_audio_attributes(result.audio, poet.media.sample_rate))
-        audio_expected.append({a: row[a] for a in ATTRIBUTES})
-        # What the tokens keep: the oracle on the tokenizers' reconstruction of the real clip.
+        result = poet.generate("video_to_audio", frames=clip.frames, sampling=_sampling(cfg, i))
+        reads.append(read_audio_attributes(result.audio, poet.media.sample_rate))
         frames = poet.decode_video(poet.encode_video(clip.frames))
         audio = poet.decode_audio(poet.encode_audio(clip.audio))
         reconstructed.append(read_attributes(frames, audio, poet.media.sample_rate))
         if i < 4:
             write_video(str(samples / f"v2a_{i}.mp4"), clip.frames, poet.media.fps, result.audio,
                         poet.media.sample_rate)
-    v2a = score(audio_reads, audio_expected)
-    tokens = score_av(reconstructed, audio_expected)
-    figures = {"text_to_video": t2v, "text_to_video_2x": t2v_sr, "image_to_video": score(image_reads, image_expected),
-               "image_to_video_still": score(first_frames, image_expected), "video_to_audio": v2a,
-               "tokenizer_roundtrip": tokens}
-    if unseen:
-        figures["text_to_video_held_out"] = score(unseen_reads, unseen)
-    tracker.log_metrics({f"{task}.{k}": v for task, scores in figures.items() for k, v in scores.items()})
-    tracker.log_artifact(samples, "samples")
-    return figures
+    expected = [{a: row[a] for a in ATTRIBUTES} for row in rows]
+    return {"video_to_audio": score(reads, expected), "tokenizer_roundtrip": score_av(reconstructed, expected)}
 
 
 def side_by_side(low: np.ndarray, high: np.ndarray) -> np.ndarray:

@@ -40,10 +40,10 @@ from pipeline.generation import SamplingConfig, VideoPoet, model_dir
 from pipeline.manifest import read_manifest
 from pipeline.media import decode, write_video
 from pipeline.oracle import ATTRIBUTES, read_attributes, read_audio_attributes, read_video_attributes, score, score_av
-from pipeline.storage import Busy, check_folder, is_uri, redact, redact_values, save_text, staged_folder
+from pipeline.storage import Busy, check_folder, redact_values, save_text, staged_folder
 from pipeline.synth import COLORS, MOTIONS, SHAPES, SynthConfig, attribute_key, caption, held_out_combinations, \
     write_corpus
-from pipeline.tracking import TrackingConfig, start_run, ui_url
+from pipeline.tracking import TrackingConfig, check_store, start_run, ui_url
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob, summary_metrics
 from train.llm import LLMTrainConfig, train_llm
 from train.mixture import check_inputs
@@ -339,18 +339,11 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
     return from_dict(DemoConfig, apply_overrides(base, [*args.overrides, *quiet]))
 
 
-def check_tracking(cfg: DemoConfig, out: str) -> None:
-    if is_uri(out) and cfg.tracking.enabled and not cfg.tracking.uri:
-        raise ValueError(f"tracking: --out {redact(out)} is an object-store URI, so the embedded MLflow store has no "
-                         "local folder: set tracking.uri to a tracking server (--set tracking.uri=http://HOST:5000), "
-                         "or tracking.enabled=false")
-
-
 def run(args: argparse.Namespace) -> int:
     """`videopoet demo` with its arguments parsed (`apps.cli`)."""
     try:
         cfg = demo_config(args)
-        check_tracking(cfg, args.out)
+        check_store(cfg.tracking, args.out)
         check_folder(args.out)
     except (ConfigError, ValueError) as e:
         print(f"videopoet demo: {e}", file=sys.stderr)

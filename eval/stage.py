@@ -50,9 +50,9 @@ from pipeline.lineage import export_record, manifest_record, prompts_record
 from pipeline.manifest import read_manifest
 from pipeline.media import MediaConfig, write_video
 from pipeline.sequence import Task
-from pipeline.storage import check_folder, is_uri, redact, save_text, staged_folder
+from pipeline.storage import check_folder, save_text, staged_folder
 from pipeline.synth import ATTRIBUTES
-from pipeline.tracking import RUN_FILE, TrackingConfig, attach, start_run
+from pipeline.tracking import RUN_FILE, TrackingConfig, attach, check_store, start_run
 
 # With GPUs, a Generate and a Features actor share each GPU: the I3D and CLIP networks are small next to the LLM.
 GENERATE_GPU_SHARE = 0.75
@@ -238,9 +238,8 @@ def run_eval(cfg: EvalConfig, checkpoint: str | Path, prompts: str, out: str | P
     parent: a `pipeline.tracking.Run` (the training or demo run) to nest this stage's run under.
     """
     location = str(out)
-    if is_uri(location) and parent is None and cfg.tracking.enabled and not cfg.tracking.uri:
-        raise ValueError(f"tracking: --out {redact(location)} is an object-store URI, so the embedded MLflow store "
-                         "has no local folder: set tracking.uri to a tracking server (or tracking.enabled = false)")
+    if parent is None:
+        check_store(cfg.tracking, location)
     check_folder(location)
     with staged_folder(location, last=(METRICS_FILE,)) as folder:
         return _evaluate(cfg, checkpoint, prompts, folder, parent, real)

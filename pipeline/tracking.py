@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.config import to_dict
-from pipeline.storage import redact_values
+from pipeline.storage import is_uri, redact, redact_values
 
 MAX_PARAM_CHARS = 6000
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's model-training view
@@ -41,6 +41,14 @@ class TrackingConfig:
     enabled: bool = True
     uri: str = ""  # empty: sqlite:///<run dir>/mlflow.db
     experiment: str = "videopoet"
+
+
+def check_store(cfg: TrackingConfig, out: str | Path) -> None:
+    """Refuse, before any work, an object-store run folder with the embedded store (a SQLite file in a local one)."""
+    if cfg.enabled and not cfg.uri and is_uri(str(out)):
+        raise ValueError(f"tracking: --out {redact(str(out))} is an object-store URI, so the embedded MLflow store has "
+                         "no local folder: set tracking.uri to a tracking server (--set "
+                         "tracking.uri=http://HOST:5000), or tracking.enabled=false")
 
 
 def default_uri(run_dir: str | Path) -> str:

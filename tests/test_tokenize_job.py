@@ -274,6 +274,8 @@ def test_bad_arguments_are_named(tokenizers, corpus, tmp_path, capsys):
     assert "plan_memory_mb must be >= 16" in capsys.readouterr().err
     assert main(job_args(corpus, tmp_path / "out", tokenizers, "--set", "record_flush_s=-1")) == 2
     assert "record_flush_s must be >= 0" in capsys.readouterr().err
+    assert main(job_args(corpus, "s3://bucket/tokens", tokenizers, "--track")) == 2  # before any work
+    assert "--out s3://bucket/tokens is an object-store URI, so the embedded MLflow store" in capsys.readouterr().err
     # An OUT that an earlier version of the job started (one JSON record per shard) is not resumed.
     fingerprint = TokenizeJob(CFG, str(corpus), str(tmp_path / "old"), str(tokenizers / "video"),
                               str(tokenizers / "audio")).fingerprint

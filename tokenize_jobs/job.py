@@ -52,10 +52,10 @@ from pipeline.media import LIMIT_FIELDS, MediaConfig
 from pipeline.shards import (ERRORS_SCHEMA, JOBS_DIR, LEGACY_JOBS_DIR, RECORD_SCHEMA, ShardError, ShardMeta,
                              clips_table, fingerprint_of, shard_index, shard_name)
 from pipeline.structure import KIND as STRUCTURE_KIND
-from pipeline.storage import (Busy, NotAFolder, UnsafeUri, check_folder, exclusive, is_uri, open_atomic, owner_record,
-                              read_json, redact, redact_values, remove_temporaries, resolve_filesystem, write_json,
-                              write_table)
-from pipeline.tracking import TrackingConfig, start_run
+from pipeline.storage import (Busy, NotAFolder, UnsafeUri, Unreachable, check_folder, exclusive, open_atomic,
+                              owner_record, read_json, redact, redact_values, remove_temporaries, resolve_filesystem,
+                              write_json, write_table)
+from pipeline.tracking import TrackingConfig, check_store, start_run
 from tokenize_jobs.plan import Generation, Plan, PlanError, Planner, WorkSource, shard_inputs
 from tokenize_jobs.stages import (AudioTokenizer, Decode, TextEncoder, VideoTokenizer, add_structure,
                                   checkpoint_metadata, downscale_2x, text_encoder_metadata)
@@ -566,9 +566,6 @@ def _stamp() -> str:
 
 def _track(job: TokenizeJob, summary: dict[str, Any], parent_run_id: Optional[str]) -> None:
     cfg, out = job.cfg, job.out
-    if is_uri(out) and not cfg.tracking.uri:
-        raise TokenizeError("tracking: --out is a URI, so the embedded MLflow store has no local folder; "
-                            "set tracking.uri")
     run = start_run(cfg.tracking, posixpath.join(out, JOBS_DIR), "tokenize", parent_run_id=parent_run_id)
     try:
         run.log_params(to_dict(cfg))
@@ -616,6 +613,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"tracking.uri={json.dumps(args.tracking_uri)}")
     try:
         cfg = load_config(TokenizeConfig, args.config, overrides, kind="tokenize")
+        check_store(cfg.tracking, args.out)
     except (ConfigError, ValueError) as e:
         print(f"videopoet tokenize: {e}", file=sys.stderr)
         return 2
@@ -625,7 +623,7 @@ def run(args: argparse.Namespace) -> int:
         summary = job.run()
         if cfg.tracking.enabled:
             _track(job, summary, args.parent_run_id)
-    except (TokenizeError, ShardError, UnsafeUri, NotAFolder, Busy) as e:
+    except (TokenizeError, ShardError, UnsafeUri, NotAFolder, Unreachable, Busy) as e:
         print(f"videopoet tokenize: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary), flush=True)

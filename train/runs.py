@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping
 from pipeline.checkpoint import CONFIG_FILE, read_metadata
 from pipeline.storage import (check_folder, exclusive, is_uri, owner_record, redact, redact_values, resolve_filesystem,
                               staged_folder, write_atomic)
-from pipeline.tracking import RUN_FILE, attach, start_run
+from pipeline.tracking import RUN_FILE, attach, check_store, start_run
 
 RUN_CONFIG_FILE = "run_config.json"  # the app's resolved config
 SUMMARY_FILE = "summary.json"
@@ -86,9 +86,7 @@ def open_run(app: Any, folder: RunFolder, name: str, parent):
     if saved is not None:
         saved = json.loads(saved)
         return attach(saved["uri"], saved["run_id"])
-    if folder.remote and app.tracking.enabled and not app.tracking.uri:
-        raise ValueError(f"tracking: --out {folder} is an object-store URI, so the embedded MLflow store has no local "
-                         "folder: set tracking.uri to a tracking server (or tracking.enabled = false)")
+    check_store(app.tracking, folder.location)
     run = start_run(app.tracking, None if folder.remote else folder.location, name, params=app)
     folder.write_text(RUN_FILE, json.dumps({"uri": run.uri, "run_id": run.run_id}) + "\n")
     return run

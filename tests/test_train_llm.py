@@ -78,6 +78,9 @@ def test_llm_trains_resumes_exactly_from_object_storage_and_exports(shards, tmp_
     for steps in (2, 4):
         code, output = run_app([*tracked, "--steps", str(steps)], s3_env)
         assert code == 0, output[-3000:]
+        said = [line for line in output.splitlines() if "[llm] " in line]  # from rank 0's worker, through Ray
+        assert said and len(said) == len(set(said)), said  # each once
+    assert "[llm] resumed at step 2" in output
 
     s3 = pa_fs.S3FileSystem(endpoint_override=s3_env["AWS_ENDPOINT_URL_S3"], access_key="testing",
                             secret_key="testing", region="us-east-1")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -335,6 +336,13 @@ def restore_checkpoint(engines: Mapping[str, Any], reshard: bool) -> None:
             engine.load_checkpoint(_universal(shards, os.path.join(tmp, name)) if reshard else shards, tag=TAG)
 
 
+def say(line: str) -> None:
+    """A console line from a worker, once. Ray Train patches `print` in its workers to log through its logger and,
+    where a library has wrapped sys.stdout, to print as well: every line twice. The process's own stdout is written
+    once, and Ray's log monitor forwards it to the driver."""
+    print(line, file=sys.__stdout__, flush=True)
+
+
 class _Progress:
     """The console line rank 0 prints at each logging step: where the run is and how long it has left."""
 
@@ -396,7 +404,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         if rank == 0 and (train.progress or reshard):
             how = (f" (saved by {state['world_size']} workers, resharded onto {world_size}: DeepSpeed universal "
                    "checkpoint)") if reshard else ""
-            print(f"[{config['name']}] resumed at step {start}{how}", flush=True)
+            say(f"[{config['name']}] resumed at step {start}{how}")
 
     progress = _Progress(config["name"], start, train.steps)
     context = ray.train.get_context()
@@ -433,7 +441,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         if metrics:
             tracker.log_metrics(metrics, step=done)
             if rank == 0 and train.progress:
-                print(progress.line(done, metrics), flush=True)
+                say(progress.line(done, metrics))
         if done % train.checkpoint_every == 0 or last:
             report_checkpoint(engines, done, metrics, recipe.state(), final=last)
     if sampler is not None:

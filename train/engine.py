@@ -354,8 +354,9 @@ class _Progress:
         elapsed = time.perf_counter() - self.began
         rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
         left = (self.steps - done) / rate if rate > 0 else float("nan")
-        loss = f" loss {metrics['loss']:.4f}" if "loss" in metrics else ""
-        return (f"[{self.name}] step {done}/{self.steps}{loss} lr {metrics.get('lr', 0):.2e} "
+        shown = "".join(f" {key} {metrics[key]:{spec}}" for key, spec in (("loss", ".4f"), ("val_loss", ".4f"),
+                                                                           ("lr", ".2e")) if key in metrics)
+        return (f"[{self.name}] step {done}/{self.steps}{shown} "
                 f"{rate:.2f} steps/s, {_duration(elapsed)} elapsed, {_duration(left)} left")
 
 

@@ -259,9 +259,14 @@ class VideoPoet:
             condition_mask = condition_mask if task == Task.INPAINTING else ~condition_mask
         prompt_ids = build_prompt(layout, text=text, video=self._visual_input(layout, video_codes),
                                   audio=self._audio_input(layout, audio_codes), mask=condition_mask)
+        forced = None  # output positions the condition fixes, given as in training rather than sampled again
+        if spec.video_in == "image":  # the clip starts with the image
+            forced = self.vocab.video_to_unified(video_codes[0].reshape(-1))
+        elif spec.video_in == "masked":  # the clip's visible codes
+            forced = np.where(condition_mask.reshape(-1), -1, self.vocab.video_to_unified(video_codes.reshape(-1)))
         cfg = sampling
         ids = sample(self.model, layout, prompt_ids, guidance=cfg.guidance, temperature=cfg.temperature,
-                     top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)[0]
+                     top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, forced=forced)[0]
         parsed = parse_sequence(ids, layout)
         video_out = parsed.video if spec.video_out != "none" else None
         audio_out = parsed.audio if spec.audio_out != "none" else audio_codes

@@ -148,6 +148,18 @@ class CachedStream:
         return self.model.decode_step(tokens, self.cache)
 
 
+def _check_forced(forced: np.ndarray | None, low: list[int], high: list[int]) -> np.ndarray:
+    forced = np.zeros(0, np.int64) if forced is None else np.asarray(forced, np.int64).reshape(-1)
+    if len(forced) > len(low):
+        raise ValueError(f"forced: {len(forced)} ids for an output of {len(low)} positions")
+    given = forced >= 0
+    bad = np.flatnonzero(given & ((forced < low[:len(forced)]) | (forced >= high[:len(forced)])))
+    if len(bad):
+        raise ValueError(f"forced: id {forced[bad[0]]} at output position {bad[0]} is outside its valid range "
+                         f"[{low[bad[0]]}, {high[bad[0]]})")
+    return forced
+
+
 class UncachedStream:
     """Recompute the whole sequence for every token (prefix bidirectional, the rest causal)."""
 
@@ -173,7 +185,7 @@ class UncachedStream:
 def _generate(stream_class: type[CachedStream] | type[UncachedStream], model: VideoPoetLM, layout: Layout,
               prompt_ids: np.ndarray | Tensor, *, text_embeddings: Tensor | None, uncond_prompt_ids: np.ndarray | None,
               uncond_text_embeddings: Tensor | None, guidance: float, temperature: float, top_k: int, top_p: float,
-              seed: int) -> np.ndarray:
+              seed: int, forced: np.ndarray | None) -> np.ndarray:
     if layout.vocab != model.config.vocab:
         raise ValueError(f"layout vocabulary {layout.vocab} differs from the model's {model.config.vocab}")
     if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1 and math.isfinite(guidance)):
@@ -194,15 +206,19 @@ def _generate(stream_class: type[CachedStream] | type[UncachedStream], model: Vi
                           None if text is None else text.to(device), steps - 1)
     generator = torch.Generator(device).manual_seed(seed)
     low, high = (r[layout.prefix_length:].tolist() for r in layout.valid_ranges())
+    forced = _check_forced(forced, low, high)
     logits, tokens = stream.logits, []
     for step in range(steps):
-        logits = logits.float()
-        if guided:
-            cond, uncond = logits.chunk(2)
-            logits = cond + (guidance - 1) * (cond - uncond)
-        logits[:, :low[step]] = -math.inf
-        logits[:, high[step]:] = -math.inf
-        token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if step < len(forced) and forced[step] >= 0:
+            token = torch.full((batch,), int(forced[step]), dtype=torch.long, device=device)
+        else:
+            logits = logits.float()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = cond + (guidance - 1) * (cond - uncond)
+            logits[:, :low[step]] = -math.inf
+            logits[:, high[step]:] = -math.inf
+            token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         tokens.append(token)
         if step + 1 < steps:
             logits = stream.append(token.repeat(len(halves)))
@@ -212,25 +228,28 @@ def _generate(stream_class: type[CachedStream] | type[UncachedStream], model: Vi
 def generate(model: VideoPoetLM, layout: Layout, prompt_ids: np.ndarray | Tensor, *,
              text_embeddings: Tensor | None = None, uncond_prompt_ids: np.ndarray | Tensor | None = None,
              uncond_text_embeddings: Tensor | None = None, guidance: float = 1.0, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, forced: np.ndarray | None = None) -> np.ndarray:
     """Complete `layout` from its prompt: ids (B, layout.length), the prompt followed by the sampled output.
 
     prompt_ids (P,) or (B, P): the layout's prefix (`build_prompt`); text_embeddings (n, width) or (B, n, width)
     fill its `<text_embedding>` positions. Guidance != 1 or an unconditional prompt turns on classifier-free
     guidance; the unconditional prompt defaults to the prompt without its text. uncond_text_embeddings fill a
     negative prompt's placeholders. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. The same
-    seed gives the same samples on the same device.
+    seed gives the same samples on the same device. forced (F,): ids for the first F output positions, taken
+    instead of sampled where >= 0: positions whose value the condition already fixes (image-to-video's first frame,
+    the visible part of a painting task's clip), given as the model saw them in training.
     """
     return _generate(CachedStream, model, layout, prompt_ids, text_embeddings=text_embeddings,
                      uncond_prompt_ids=uncond_prompt_ids, uncond_text_embeddings=uncond_text_embeddings,
-                     guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                     guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, forced=forced)
 
 
 def generate_uncached(model: VideoPoetLM, layout: Layout, prompt_ids: np.ndarray | Tensor, *,
                       text_embeddings: Tensor | None = None, uncond_prompt_ids: np.ndarray | Tensor | None = None,
                       uncond_text_embeddings: Tensor | None = None, guidance: float = 1.0, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
+                      top_k: int = 0, top_p: float = 1.0, seed: int = 0, forced: np.ndarray | None = None
+                      ) -> np.ndarray:
     """`generate` without the KV cache: every step runs the whole sequence again (quadratically slower)."""
     return _generate(UncachedStream, model, layout, prompt_ids, text_embeddings=text_embeddings,
                      uncond_prompt_ids=uncond_prompt_ids, uncond_text_embeddings=uncond_text_embeddings,
-                     guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                     guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, forced=forced)

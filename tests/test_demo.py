@@ -30,7 +30,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["data_oracle"]["video"] >= 0.99 and summary["data_oracle"]["audio"] >= 0.99
     assert set(summary["adherence"]) == {"text_to_video", "text_to_video_held_out", "text_to_video_2x",
-                                         "image_to_video", "video_to_audio"}
+                                         "image_to_video", "image_to_video_held_out", "video_to_audio"}
     assert summary["chance"]["all_attributes"] == pytest.approx(1 / 48)
     # 3 of the first 12 clips have held-out combinations: no stage trains on them
     trained = [json.loads(line) for line in (tmp_path / "corpus" / "train.jsonl").read_text().splitlines()]
@@ -65,7 +65,7 @@ def test_demo_into_a_bucket(s3, tracking_server, tmp_path, monkeypatch, capsys):
     summary = json.loads(read_text(f"{out}/summary.json"))
     assert summary["tokenize"]["clips"] == 9 and summary["eval"] == f"{out}/eval/metrics.json"
     assert set(summary["adherence"]) == {"text_to_video", "text_to_video_held_out", "text_to_video_2x",
-                                         "image_to_video", "video_to_audio"}
+                                         "image_to_video", "image_to_video_held_out", "video_to_audio"}
     keys = {info.path.removeprefix("bucket/runs/demo/")
             for info in s3.get_file_info(pa_fs.FileSelector("bucket/runs/demo", recursive=True))
             if info.type == pa_fs.FileType.File}

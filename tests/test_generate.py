@@ -12,7 +12,7 @@ from pipeline.generation import SamplingConfig, VideoPoet
 from pipeline.magvit import MagvitConfig
 from pipeline.masking import DecodingConfig
 from pipeline.media import MediaConfig, decode, write_video
-from pipeline.sequence import Task
+from pipeline.sequence import Task, central_mask
 from pipeline.superres import SuperResConfig, SuperResTransformer
 from pipeline.text import TextConfig, WordVocabulary
 from apps.cli import generate as main
@@ -56,6 +56,13 @@ def test_every_task_generates(export, task):
     assert len(out.frames) == (1 if task == Task.TEXT_TO_IMAGE else 17)
     if task in (Task.VIDEO_TO_AUDIO, Task.AUDIO_VIDEO_CONTINUATION):
         assert out.audio is not None and len(out.audio) == MEDIA.clip_samples
+    # What the condition fixes is kept as given: the image starts the clip, the visible codes of painting stay.
+    if task == Task.IMAGE_TO_VIDEO:
+        assert np.array_equal(out.video_codes[0], poet.encode_video(frames[:1])[0])
+    if task in (Task.INPAINTING, Task.OUTPAINTING):
+        hidden = central_mask(poet.latent_grid)
+        hidden = hidden if task == Task.INPAINTING else ~hidden
+        assert np.array_equal(out.video_codes[~hidden], poet.encode_video(frames)[~hidden])
 
 
 def test_cli_writes_mp4_and_tokens_with_chaining_and_extension(export, clip_file, tmp_path, capsys):

@@ -187,6 +187,28 @@ def test_drop_text():
         drop_text(prompt, no_text)
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_forced_positions_are_taken_and_the_rest_sampled_as_if_sampled_after_them(model, cached):
+    """Forcing the output ids that a sampler produced gives back the same sequence (the forced tokens enter the
+    stream as sampled ones would), and the free positions after a forced prefix are the sampler's own."""
+    run = generate if cached else generate_uncached
+    layout, prompt = condition(Task.INPAINTING)
+    free = run(model, layout, prompt, temperature=0.0)[0]
+    out = free[layout.prefix_length:]
+    assert np.array_equal(run(model, layout, prompt, temperature=0.0, forced=out)[0], free)
+    other = out.copy()
+    other[0] = VOCAB.video_offset + (out[0] - VOCAB.video_offset + 1) % VOCAB.video_codes  # another first code
+    forced = np.full(len(out), -1)
+    forced[0] = other[0]
+    ids = run(model, layout, prompt, temperature=0.0, forced=forced)[0]
+    assert ids[layout.prefix_length] == other[0]
+    parse_sequence(ids, layout)  # still a whole sequence of the layout
+    with pytest.raises(ValueError, match=r"forced: id 3 at output position 0 is outside its valid range"):
+        run(model, layout, prompt, forced=np.array([3]))
+    with pytest.raises(ValueError, match="forced: .* ids for an output of"):
+        run(model, layout, prompt, forced=np.zeros(len(out) + 1, np.int64) + VOCAB.video_offset)
+
+
 def test_generation_errors(model):
     layout, prompt = condition(Task.TEXT_TO_VIDEO)
     with pytest.raises(ValueError, match=r"text_to_video: prompt_ids hold 10 ids, the layout.s prefix has 11"):

@@ -66,3 +66,17 @@ def mlflow_server(folder: Path) -> Iterator[tuple[str, int]]:
     finally:
         stop(proc)
         log.close()
+
+
+def run_app(argv: list[str], env: dict[str, str], timeout: float = 900) -> tuple[int, str]:
+    """`videopoet ARGV` in its own process (and its own embedded Ray, whose workers get `env`: the session's Ray
+    started before a test set its variables), as a user runs it; its exit code and output."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, **env, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
+                            start_new_session=True)
+    try:
+        output = proc.communicate(timeout=timeout)[0].decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray's processes left in the session
+    return proc.returncode, output

@@ -16,6 +16,7 @@ from pipeline.synth import attribute_key, held_out_combinations
 from pipeline.tracking import search_runs
 from apps.cli import demo as main
 from apps.demo import DemoConfig
+from servers import run_app
 
 STAGES = {"synth", "check", "video_tokenizer", "audio_tokenizer", "tokenize", "llm", "superres", "generate", "eval"}
 TINY = [a for s in ["clips=12", "prompts=2", "audio_samples=1", "image_samples=1", "sr_samples=1",
@@ -53,15 +54,17 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.heavy
-def test_demo_into_a_bucket(s3, tracking_server, tmp_path, monkeypatch, capsys):
+def test_demo_into_a_bucket(s3_env, s3, tracking_server, tmp_path, monkeypatch):
     """The demo with its run folder on object storage and MLflow on a server, as on a cluster whose nodes share no
-    disk: every stage reads and writes the bucket, and nothing lands locally but caches and temporaries."""
+    disk: every stage reads and writes the bucket, and nothing lands locally but caches and temporaries. It runs in
+    its own process (and Ray), as `videopoet demo` does, so that its Ray workers see the bucket's endpoint."""
     uri, _ = tracking_server
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # a URI taken for a path would become a folder `s3:` here
-    monkeypatch.setattr("pipeline.checkpoint.EXPORT_CACHE", tmp_path / "cache")
     out = "s3://bucket/runs/demo"
-    assert main(["--out", out, *TINY, "--set", f"tracking.uri='{uri}'"]) == 0
+    code, output = run_app(["demo", "--out", out, *TINY, "--set", f"tracking.uri='{uri}'"], s3_env)
+    assert code == 0, output[-5000:]
+    assert "adherence" in output and "[llm] step 2/2" in output
     summary = json.loads(read_text(f"{out}/summary.json"))
     assert summary["tokenize"]["clips"] == 9 and summary["eval"] == f"{out}/eval/metrics.json"
     assert set(summary["adherence"]) == {"text_to_video", "text_to_video_held_out", "text_to_video_2x",
@@ -79,7 +82,7 @@ def test_demo_into_a_bucket(s3, tracking_server, tmp_path, monkeypatch, capsys):
     assert sorted(tmp_path.rglob("*.db")) == [tmp_path / "server" / "mlflow.db"]
     runs = {r.info.run_name: r for r in search_runs(uri, "videopoet")}
     assert STAGES | {"demo"} <= set(runs) and all(r.info.status == "FINISHED" for r in runs.values())
-    assert "adherence" in capsys.readouterr().out
+    monkeypatch.setattr("pipeline.checkpoint.EXPORT_CACHE", tmp_path / "cache")
     check_lineage(uri, runs, out)
 
 

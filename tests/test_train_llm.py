@@ -1,12 +1,7 @@
 """`videopoet train llm` end to end: tokenize job shards -> Ray Train + DeepSpeed ZeRO-3 (2 CPU workers) -> export,
 with an exact resume and MLflow metrics per task."""
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pyarrow.fs as pa_fs
 import pytest
@@ -17,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.checkpoint import load_checkpoint, read_metadata
 from pipeline.shards import open_shards
 from pipeline.tracking import search_runs
+from servers import run_app
 from train.cli import main
 
 pytestmark = pytest.mark.heavy
@@ -49,19 +45,6 @@ def test_adaptation_starts_from_the_pretrained_export(shards, tmp_path):
                  "--init", str(tmp_path / "base" / "model")]) == 2
 
 
-def run_app(args, env):
-    """The app in its own process (and its own embedded Ray), as `videopoet` runs; its exit code and output."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "llm", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, **env, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
-                            start_new_session=True)
-    try:
-        output = proc.communicate(timeout=600)[0].decode()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # Ray's processes left in the session
-    return proc.returncode, output
-
-
 def test_llm_trains_resumes_exactly_from_object_storage_and_exports(shards, tmp_path, s3_env, s3, capsys):
     """Four steps straight into a local folder; the same run into a bucket as two commands (2 steps, then resumed to
     4 from the checkpoint in the bucket, each in its own process as `videopoet` runs): the same weights."""
@@ -76,7 +59,7 @@ def test_llm_trains_resumes_exactly_from_object_storage_and_exports(shards, tmp_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracked = [*common, "--out", out, "--set", f"tracking.uri='{uri}'"]
     for steps in (2, 4):
-        code, output = run_app([*tracked, "--steps", str(steps)], s3_env)
+        code, output = run_app(["train", "llm", *tracked, "--steps", str(steps)], s3_env, timeout=600)
         assert code == 0, output[-3000:]
         said = [line for line in output.splitlines() if "[llm] " in line]  # from rank 0's worker, through Ray
         assert said and len(said) == len(set(said)), said  # each once

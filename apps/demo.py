@@ -13,9 +13,10 @@ Stages, each a child MLflow run under one parent run:
   tokenize         the Ray Data tokenize job -> Parquet token shards
   llm              train the LLM on the shards (Ray Train + DeepSpeed ZeRO-3)
   superres         train one 2x super-resolution stage on the shards' 2x tokens (Ray Train + DeepSpeed ZeRO-3)
-  generate         text-to-video (of trained and of held-out combinations), image-to-video and video-to-audio
-                   (of held-out clips) samples, scored by the oracle against their prompts; the first text-to-video
-                   samples also through the 2x stage, written low- and high-resolution side by side
+  generate         text-to-video (of trained and of held-out combinations), image-to-video (of training and of
+                   held-out clips) and video-to-audio (of held-out clips) samples, scored by the oracle against their
+                   prompts; the first text-to-video samples also through the 2x stage, written low- and
+                   high-resolution side by side
   eval             the Ray evaluation stage on the synthetic prompts: FVD (against the held-out clips) and CLIPSIM
                    (random-init I3D and CLIP, labelled so), prompt adherence and audio-visual agreement by the
                    oracle, logged to MLflow
@@ -47,8 +48,8 @@ from pipeline.tracking import TrackingConfig, check_store, start_run, ui_url
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob, summary_metrics
 from train.llm import LLMTrainConfig, train_llm
 from train.mixture import check_inputs
-from train.superres import SRTrainConfig, train_sr
 from train.runs import SUMMARY_FILE, RunFolder, write_summary
+from train.superres import SRTrainConfig, train_sr
 from train.tokenizers import AudioModality, AudioTokenizerTrainConfig, VideoModality, VideoTokenizerTrainConfig, \
     train_tokenizer
 
@@ -203,22 +204,23 @@ def image_to_video(cfg: DemoConfig, poet: VideoPoet, trained: list[dict], held_o
     """A clip's first frame and caption -> a clip: of training clips (recall) and of held-out ones, next to the
     baseline of a held-out first frame held still (shape and color right, motion left to the oracle's reading of a
     still)."""
-    def scores(rows: list[dict], name: str) -> tuple[dict, dict]:
-        reads, stills = [], []
+    def sample(rows: list[dict], name: str) -> tuple[dict, list[np.ndarray]]:
+        reads, firsts = [], []
         for i, row in enumerate(rows):
             frames = decode(row["path"], poet.media).clips[0].frames
             result = poet.generate("image_to_video", frames=frames[:1], prompt=row["caption"],
                                    sampling=_sampling(cfg, i))
             reads.append(read_video_attributes(result.frames))
-            stills.append(read_video_attributes(np.repeat(frames[:1], len(frames), axis=0)))
+            firsts.append(frames[:1])
             if i < 2:
                 write_video(str(samples / f"{name}_{i}.mp4"), side_by_side(frames, result.frames), poet.media.fps)
-        expected = [{a: row[a] for a in ATTRIBUTES} for row in rows]
-        return score(reads, expected), score(stills, expected)
+        return score(reads, [{a: row[a] for a in ATTRIBUTES} for row in rows]), firsts
 
-    seen, _ = scores(trained, "i2v_trained")
-    unseen, still = scores(held_out, "i2v_held_out")
-    return {"image_to_video": seen, "image_to_video_held_out": unseen, "image_to_video_still": still}
+    seen, _ = sample(trained, "i2v_trained")
+    unseen, firsts = sample(held_out, "i2v_held_out")
+    stills = [read_video_attributes(np.repeat(first, poet.media.clip_frames, axis=0)) for first in firsts]
+    return {"image_to_video": seen, "image_to_video_held_out": unseen,
+            "image_to_video_still": score(stills, [{a: row[a] for a in ATTRIBUTES} for row in held_out])}
 
 
 def video_to_audio(cfg: DemoConfig, poet: VideoPoet, rows: list[dict], samples: Path) -> dict:
@@ -251,7 +253,7 @@ def run_demo(cfg: DemoConfig, out: str) -> dict:
     began = time.perf_counter()
     with folder.hold("demo"):
         folder.write_text("demo_config.json", json.dumps(redact_values(to_dict(cfg)), indent=2) + "\n")
-        store = None if folder.remote else folder.location  # a server otherwise (`check_tracking`)
+        store = None if folder.remote else folder.location  # a server otherwise (`check_store`)
         with start_run(cfg.tracking, store, "demo", params={"clips": cfg.clips, "seed": cfg.seed}) as parent:
             summary = _stages(cfg, folder, parent, began)
     print_summary(summary, folder)

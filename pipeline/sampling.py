@@ -148,18 +148,6 @@ class CachedStream:
         return self.model.decode_step(tokens, self.cache)
 
 
-def _check_forced(forced: np.ndarray | None, low: list[int], high: list[int]) -> np.ndarray:
-    forced = np.zeros(0, np.int64) if forced is None else np.asarray(forced, np.int64).reshape(-1)
-    if len(forced) > len(low):
-        raise ValueError(f"forced: {len(forced)} ids for an output of {len(low)} positions")
-    given = forced >= 0
-    bad = np.flatnonzero(given & ((forced < low[:len(forced)]) | (forced >= high[:len(forced)])))
-    if len(bad):
-        raise ValueError(f"forced: id {forced[bad[0]]} at output position {bad[0]} is outside its valid range "
-                         f"[{low[bad[0]]}, {high[bad[0]]})")
-    return forced
-
-
 class UncachedStream:
     """Recompute the whole sequence for every token (prefix bidirectional, the rest causal)."""
 
@@ -179,6 +167,18 @@ class UncachedStream:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Generation
+
+
+def _check_forced(forced: np.ndarray | None, low: list[int], high: list[int]) -> np.ndarray:
+    forced = np.zeros(0, np.int64) if forced is None else np.asarray(forced, np.int64).reshape(-1)
+    if len(forced) > len(low):
+        raise ValueError(f"forced: {len(forced)} ids for an output of {len(low)} positions")
+    given = forced >= 0
+    bad = np.flatnonzero(given & ((forced < low[:len(forced)]) | (forced >= high[:len(forced)])))
+    if len(bad):
+        raise ValueError(f"forced: id {forced[bad[0]]} at output position {bad[0]} is outside its valid range "
+                         f"[{low[bad[0]]}, {high[bad[0]]})")
+    return forced
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ import ray
 import torch
 from train_step import text_to_video_batch
 
+from cluster import local_ray_env
 from pipeline.config import from_dict, load_config, to_dict
 from pipeline.llm import LLMConfig, VideoPoetLM
 from pipeline.tracking import TrackingConfig, start_run
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     train = replace(TrainConfig(), steps=args.steps, batch_size=args.batch, workers=args.workers,
                     log_every=args.log_every, eval_every=args.steps, checkpoint_every=args.steps, progress=False)
     batch = text_to_video_batch(model_cfg, args.batch)
+    local_ray_env()  # the product's settings for an embedded Ray (cluster.init_ray)
     ray.init(num_cpus=max(os.cpu_count(), args.workers), include_dashboard=False, log_to_driver=False)
     steps: dict[float, list[float]] = {p: [] for p in periods}
     alone: list[float] = []

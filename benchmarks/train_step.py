@@ -48,6 +48,7 @@ import numpy as np
 import ray
 import torch
 
+from cluster import local_ray_env
 from pipeline.config import from_dict, load_config, to_dict
 from pipeline.llm import LLMConfig, VideoPoetLM
 from pipeline.sequence import Task, build_sequence
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     began = time.perf_counter()
+    local_ray_env()  # the product's settings for an embedded Ray (cluster.init_ray)
     ray.init(num_cpus=max(os.cpu_count(), train.cpus_per_worker), include_dashboard=False, log_to_driver=False)
     ray_start_s = time.perf_counter() - began
     steps: dict[str, list[float]] = {"plain": [], "trainer": []}

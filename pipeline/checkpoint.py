@@ -15,7 +15,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import posixpath
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +135,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
 def local_export(location: str | Path, cache: str | Path | None = None) -> Path:
     """A local folder holding the export at `location`: the folder itself, or an object-store export copied into
     `cache` (default `EXPORT_CACHE`), keyed by location. A copy is reused while its config equals the store's (the
-    config records the weights' fingerprint, which `load_checkpoint` checks) and is written config last, so one cut
-    short is fetched again."""
+    config records the weights' fingerprint, which `load_checkpoint` checks). A fetch downloads into a folder of its
+    own, then moves each file into place (an atomic rename), config last: processes that fetch one export at once (the
+    actors of a node) never read a file another is writing, and a fetch cut short is made again."""
     location = str(location)
     if not is_uri(location):
         return Path(location)
@@ -147,11 +151,19 @@ def local_export(location: str | Path, cache: str | Path | None = None) -> Path:
     cached = target / CONFIG_FILE
     if cached.is_file() and cached.read_bytes() == config:
         return target
-    cached.unlink(missing_ok=True)
     target.mkdir(parents=True, exist_ok=True)
-    for info in fs.get_file_info(pa_fs.FileSelector(root)):
-        if info.type == pa_fs.FileType.File and posixpath.basename(info.path) != CONFIG_FILE:
-            with fs.open_input_stream(info.path) as src:
-                (target / posixpath.basename(info.path)).write_bytes(src.read())
-    save_text(cached, config.decode())
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        names = []
+        for info in fs.get_file_info(pa_fs.FileSelector(root)):
+            name = posixpath.basename(info.path)
+            if info.type == pa_fs.FileType.File and name != CONFIG_FILE:
+                with fs.open_input_stream(info.path) as src:
+                    (staging / name).write_bytes(src.read())
+                names.append(name)
+        (staging / CONFIG_FILE).write_bytes(config)
+        for name in [*names, CONFIG_FILE]:
+            os.replace(staging / name, target / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -3,6 +3,10 @@ import urllib.request
 
 import pytest
 
+from cluster import local_ray_env
+
+local_ray_env()  # for every Ray this session starts: its own, the apps', and `ray start` and benchmark subprocesses
+
 
 @pytest.fixture(scope="session")
 def ray_local():

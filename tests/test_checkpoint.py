@@ -98,3 +98,33 @@ def test_save_rejects_mismatched_config_and_unknown_models(tmp_path):
         save_checkpoint(tmp_path, model, load_config(SoundStreamConfig, "debug", kind="audio_tokenizer"))
     with pytest.raises(ValueError, match="not a registered model kind"):
         save_checkpoint(tmp_path, torch.nn.Linear(2, 2), model.config)
+
+
+
+def test_an_object_store_export_fetched_by_many_at_once_and_again_once_changed(s3, tmp_path):
+    """The actors of one node fetch an export at once: each gets whole files; a new export at the same location is
+    fetched again; no staging folder is left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.checkpoint import local_export
+    from pipeline.storage import upload_folder
+
+    def publish(model):
+        save_checkpoint(tmp_path / "export", model, model.config)
+        upload_folder(tmp_path / "export", "s3://bucket/exp/model", last=("config.json",))
+
+    first, second = magvit(0), magvit(1)
+    publish(first)
+    cache = tmp_path / "cache"
+
+    def fetch_and_load(_):
+        copy = local_export("s3://bucket/exp/model", cache)
+        return copy, load_checkpoint(copy).fingerprint()
+
+    with ThreadPoolExecutor(8) as pool:
+        ((copy, loaded),) = set(pool.map(fetch_and_load, range(8)))
+    assert loaded == first.fingerprint()
+    publish(second)
+    assert local_export("s3://bucket/exp/model", cache) == copy
+    assert load_checkpoint(copy).fingerprint() == second.fingerprint() != first.fingerprint()
+    assert [p.name for p in copy.parent.iterdir()] == ["model"]

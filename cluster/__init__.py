@@ -17,7 +17,7 @@ LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def local_ray_env() -> None:
-    """Defaults for the Ray processes that this process starts (they inherit its environment); a value already set wins."""
+    """Defaults for the Ray processes that this process starts, which inherit its environment (a value set wins)."""
     for name, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(name, value)
 

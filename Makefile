@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/videopoet demo --out $(OUT)
 
+# Two pytest processes: most of a heavy test is one process starting others (Ray, its workers, DeepSpeed engines),
+# which keeps one core busy; two tests at a time keep both (`make test TEST_WORKERS=0`: one process).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 	$(MAKE) test-threshold
 
 # A test that trains and then checks a bar gets a trajectory that depends on the CPU kernels' reduction order (thread
@@ -34,7 +37,7 @@ test-threshold: $(STAMP)
 	done
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m 'not heavy'
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m 'not heavy'
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

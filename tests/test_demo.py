@@ -26,38 +26,13 @@ TINY = [a for s in ["clips=12", "prompts=2", "audio_samples=1", "image_samples=1
 
 
 @pytest.mark.heavy
-def test_demo_end_to_end(tmp_path, capsys):
-    assert main(["--out", str(tmp_path), *TINY]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["data_oracle"]["video"] >= 0.99 and summary["data_oracle"]["audio"] >= 0.99
-    assert set(summary["adherence"]) == {"text_to_video", "text_to_video_held_out", "text_to_video_2x",
-                                         "image_to_video", "image_to_video_held_out", "video_to_audio"}
-    assert summary["chance"]["all_attributes"] == pytest.approx(1 / 48)
-    # 3 of the first 12 clips have held-out combinations: no stage trains on them
-    trained = [json.loads(line) for line in (tmp_path / "corpus" / "train.jsonl").read_text().splitlines()]
-    held = held_out_combinations(DemoConfig().held_out)
-    assert len(trained) == 9 and not any(attribute_key(r) in held for r in trained)
-    assert summary["tokenize"]["clips"] == 9 and summary["llm"]
-    assert summary["superres"]
-    for pattern in ("t2v_*.mp4", "i2v_*.mp4", "v2a_*.mp4", "sr_*.mp4"):
-        assert list((tmp_path / "samples").glob(pattern)), pattern
-    (side_by_side,) = (tmp_path / "samples").glob("sr_*.mp4")
-    frames = decode(str(side_by_side), MediaConfig(height=64, width=128, clip_frames=17)).clips[0].frames
-    assert frames.shape == (17, 64, 128, 3)  # 32x32 enlarged 2x, next to the 2x stage's 64x64
-    assert (tmp_path / "eval" / "metrics.json").exists() and (tmp_path / "eval" / "samples.parquet").exists()
-    runs = {r.info.run_name: r for r in search_runs(summary["mlflow"]["tracking_uri"], "videopoet")}
-    assert STAGES | {"demo"} <= set(runs)
-    parent = runs["demo"].info.run_id
-    assert all(runs[s].data.tags["mlflow.parentRunId"] == parent for s in STAGES)
-    assert "adherence" in capsys.readouterr().out
-    check_lineage(summary["mlflow"]["tracking_uri"], runs, str(tmp_path))
-
-
-@pytest.mark.heavy
-def test_demo_into_a_bucket(s3_env, s3, tracking_server, tmp_path, monkeypatch):
-    """The demo with its run folder on object storage and MLflow on a server, as on a cluster whose nodes share no
-    disk: every stage reads and writes the bucket, and nothing lands locally but caches and temporaries. It runs in
-    its own process (and Ray), as `videopoet demo` does, so that its Ray workers see the bucket's endpoint."""
+def test_demo_end_to_end_into_a_bucket(s3_env, s3, tracking_server, tmp_path, monkeypatch):
+    """`videopoet demo` on a tiny budget, as on a cluster whose nodes share no disk: its run folder in a bucket and
+    MLflow on a server. Every stage reads and writes the bucket, and nothing lands locally but caches and temporaries.
+    One run covers a local OUT as well: the demo reaches its folder only through `RunFolder` and
+    `pipeline.storage.staged_folder`, which take a path or a URI (their local side, and each app on a local folder with
+    the embedded MLflow store, are tested in their own files). It runs in its own process (and Ray), as a user runs
+    it, so that its Ray workers see the bucket's endpoint."""
     uri, _ = tracking_server
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # a URI taken for a path would become a folder `s3:` here
@@ -66,22 +41,37 @@ def test_demo_into_a_bucket(s3_env, s3, tracking_server, tmp_path, monkeypatch):
     assert code == 0, output[-5000:]
     assert "adherence" in output and "[llm] step 2/2" in output
     summary = json.loads(read_text(f"{out}/summary.json"))
-    assert summary["tokenize"]["clips"] == 9 and summary["eval"] == f"{out}/eval/metrics.json"
+    assert summary["data_oracle"]["video"] >= 0.99 and summary["data_oracle"]["audio"] >= 0.99
     assert set(summary["adherence"]) == {"text_to_video", "text_to_video_held_out", "text_to_video_2x",
                                          "image_to_video", "image_to_video_held_out", "video_to_audio"}
+    assert summary["chance"]["all_attributes"] == pytest.approx(1 / 48)
+    assert summary["tokenize"]["clips"] == 9 and summary["llm"] and summary["superres"]
+    assert summary["eval"] == f"{out}/eval/metrics.json"
+    # 3 of the first 12 clips have held-out combinations: no stage trains on them
+    trained = [json.loads(line) for line in read_text(f"{out}/corpus/train.jsonl").splitlines()]
+    held = held_out_combinations(DemoConfig().held_out)
+    assert len(trained) == 9 and not any(attribute_key(r) in held for r in trained)
+
     keys = {info.path.removeprefix("bucket/runs/demo/")
             for info in s3.get_file_info(pa_fs.FileSelector("bucket/runs/demo", recursive=True))
             if info.type == pa_fs.FileType.File}
     for pattern in ("corpus/videos/*.mp4", "corpus/train.jsonl", "video_tokenizer/tokenizer/config.json",
                     "audio_tokenizer/tokenizer/model.safetensors", "shards/*.parquet", "llm/model/config.json",
-                    "superres/model/config.json", "samples/t2v_*.mp4", "samples/sr_*.mp4", "samples/v2a_*.mp4",
-                    "eval/metrics.json", "eval/samples.parquet", "demo_config.json"):
+                    "superres/model/config.json", "samples/t2v_*.mp4", "samples/i2v_*.mp4", "samples/sr_*.mp4",
+                    "samples/v2a_*.mp4", "eval/metrics.json", "eval/samples.parquet", "demo_config.json"):
         assert fnmatch.filter(keys, pattern), pattern
     assert not any(".tmp-" in key for key in keys)
+    (side_by_side,) = fnmatch.filter(keys, "samples/sr_*.mp4")
+    (tmp_path / "sr.mp4").write_bytes(s3.open_input_stream(f"bucket/runs/demo/{side_by_side}").read())
+    frames = decode(str(tmp_path / "sr.mp4"), MediaConfig(height=64, width=128, clip_frames=17)).clips[0].frames
+    assert frames.shape == (17, 64, 128, 3)  # 32x32 enlarged 2x, next to the 2x stage's 64x64
     assert not list((tmp_path / "cwd").iterdir())
     assert sorted(tmp_path.rglob("*.db")) == [tmp_path / "server" / "mlflow.db"]
+
     runs = {r.info.run_name: r for r in search_runs(uri, "videopoet")}
     assert STAGES | {"demo"} <= set(runs) and all(r.info.status == "FINISHED" for r in runs.values())
+    parent = runs["demo"].info.run_id
+    assert all(runs[s].data.tags["mlflow.parentRunId"] == parent for s in STAGES)
     monkeypatch.setattr("pipeline.checkpoint.EXPORT_CACHE", tmp_path / "cache")
     check_lineage(uri, runs, out)
 

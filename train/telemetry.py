@@ -32,8 +32,8 @@ class NodeSampler:
         self.interval_s = interval_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        # psutil's CPU percentage is over the time since its previous call, and its first call returns 0.0: prime it
-        # so that the first sample is a real reading.
+        # psutil's CPU percentage is over the time since the calling thread's previous call, and a thread's first call
+        # returns 0.0: prime it in this thread (for `take`) and in the sampling thread, so every sample is a reading.
         psutil.cpu_percent()
         self._thread = threading.Thread(target=self._run, name="system-metrics", daemon=True)
         self._thread.start()
@@ -44,6 +44,7 @@ class NodeSampler:
                 monitor.collect_metrics()
 
     def _run(self) -> None:
+        psutil.cpu_percent()
         while not self._stop.wait(self.interval_s):
             self._sample()
 

@@ -236,10 +236,11 @@ def total_variation(values: list[str], reference: list[str]) -> float:
 
 
 def eval_clips(work: Path, cfg: DemoConfig, poet: VideoPoet, count: int) -> list[dict]:
-    """`count` clips of a fresh corpus (seed 1, every combination twice), decoded at the model's clip settings."""
+    """`count` clips of a fresh corpus (seed 1, every combination twice, a geometry each whatever the training
+    corpus's `color_variants`), decoded at the model's clip settings."""
     corpus = work / "eval_corpus"
     if not (corpus / "manifest.jsonl").exists():
-        write_corpus(corpus, cfg.synth, 2 * WORLD, cfg.seed + 1)
+        write_corpus(corpus, replace(cfg.synth, color_variants=1), 2 * WORLD, cfg.seed + 1)
     rows = read_manifest(str(corpus / "manifest.jsonl")).to_pylist()
     clips = []
     for i in np.random.default_rng(cfg.seed).permutation(len(rows))[:count]:

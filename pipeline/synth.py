@@ -118,6 +118,10 @@ class SynthConfig:
     overtone_gain: float = 0.7  # overtone amplitude relative to the fundamental
     tremolo_depth: float = 0.7  # the envelope dips to 1 - depth
     val_fraction: float = 0.1
+    # Each geometry (size, path, background, volume, phases) rendered in this many colors, as consecutive clips: clips
+    # that differ only in color (and its overtone), so that a structure video, which carries no color, comes with
+    # several captions and the caption's color is the only way to tell them apart (stylization's training pairs).
+    color_variants: int = 1
 
     def __post_init__(self):
         if self.width < 32 or self.height < 32:
@@ -135,6 +139,9 @@ class SynthConfig:
                              f"{self.cross_jitter}, margin {self.margin}) leave the center square")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"SynthConfig.val_fraction: expected a share in [0, 1), got {self.val_fraction}")
+        if not 1 <= self.color_variants <= len(COLORS):
+            raise ValueError(f"SynthConfig.color_variants: expected 1 to {len(COLORS)} colors per geometry, got "
+                             f"{self.color_variants}")
 
     @property
     def seconds(self) -> float:
@@ -171,12 +178,20 @@ class ClipSpec:
 
 
 def plan(cfg: SynthConfig, seed: int, n: int) -> list[ClipSpec]:
-    """The specs of clips 0..n-1. Clip i depends only on (seed, i), so a larger n extends a corpus."""
+    """The specs of clips 0..n-1. Clip i depends only on (seed, i, color_variants), so a larger n extends a corpus.
+
+    With k color variants, clip i is variant i mod k of geometry g = i // k: geometry g takes the attributes of clip g
+    of the schedule and the random draws of (seed, g), and variant v shifts its color v places along `COLORS`, so the
+    k clips of a geometry differ in color only (and are all train or all val)."""
     if seed < 0 or n < 0:
         raise ValueError(f"synth: seed and clip count must be non-negative, got seed={seed} n={n}")
+    k = cfg.color_variants
+    schedule = attribute_schedule(seed, -(-n // k))
     specs = []
-    for i, attrs in enumerate(attribute_schedule(seed, n)):
-        rng = np.random.default_rng([seed, i])
+    for i in range(n):
+        g, variant = divmod(i, k)
+        attrs = dict(schedule[g], color=COLORS[(COLORS.index(schedule[g]["color"]) + variant) % len(COLORS)])
+        rng = np.random.default_rng([seed, g])
         size = rng.uniform(*cfg.size)
         travel = rng.uniform(*cfg.travel)
         dx, dy = DIRECTIONS[attrs["motion"]]
@@ -189,8 +204,8 @@ def plan(cfg: SynthConfig, seed: int, n: int) -> list[ClipSpec]:
             first, last = 1 - first, 1 - last
         cross = 0.5 + rng.uniform(-cfg.cross_jitter, cfg.cross_jitter)
         start, end = ((first, cross), (last, cross)) if along == 0 else ((cross, first), (cross, last))
-        # Evenly spread validation clips: clip i is val when i crosses the next multiple of 1 / val_fraction.
-        split = "val" if math.floor((i + 1) * cfg.val_fraction) > math.floor(i * cfg.val_fraction) else "train"
+        # Evenly spread validation geometries: g is val when g crosses the next multiple of 1 / val_fraction.
+        split = "val" if math.floor((g + 1) * cfg.val_fraction) > math.floor(g * cfg.val_fraction) else "train"
         specs.append(ClipSpec(
             id=f"synth-{seed}-{i:06d}", split=split, **attrs, size=size, start=start, end=end,
             background=rng.uniform(*cfg.background), volume=rng.uniform(*cfg.volume),

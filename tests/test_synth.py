@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, load_config, to_dict
+from pipeline.oracle import read_video_attributes
 from pipeline.synth import (ATTRIBUTES, COLORS, MOTIONS, PITCH_HZ, SHAPES, SynthConfig, attribute_key,
                             attribute_schedule, caption, held_out_combinations, main, plan, render_audio, render_video)
 
@@ -98,9 +99,36 @@ def test_rendering_is_fast():
     assert time.perf_counter() - began < 5.0  # ~25 ms a clip; loose for a shared machine
 
 
+def test_one_color_variant_is_the_plain_schedule():
+    specs = plan(SynthConfig(color_variants=1), 4, 60)
+    assert [s.attributes for s in specs] == attribute_schedule(4, 60)
+
+
+@pytest.mark.parametrize("variants", [2, 4])
+def test_color_variants_share_a_geometry_and_differ_in_color(variants):
+    cfg = SynthConfig(frames=17, fps=8, color_variants=variants)
+    specs = plan(cfg, 2, 96 * variants)
+    assert plan(cfg, 2, 5) == specs[:5]  # still extends
+    combos = collections.Counter(attribute_key(s.attributes) for s in specs)
+    assert set(combos) == {tuple(c) for c in COMBINATIONS} and spread(combos, COMBINATIONS) == 0
+    for g in range(0, len(specs), variants):
+        group = specs[g: g + variants]
+        assert len({s.color for s in group}) == variants and len({s.split for s in group}) == 1
+        geometry = {(s.shape, s.motion, s.size, s.start, s.end, s.background, s.volume, s.phases) for s in group}
+        assert len(geometry) == 1
+    assert sum(s.split == "val" for s in specs) == 9 * variants  # 9 of the 96 geometries
+    # Rendered, the siblings differ only where the object is, and the oracle reads each one's own color.
+    first, second = specs[:2]
+    a, b = render_video(first, cfg), render_video(second, cfg)
+    background = (a == b).all(-1)
+    assert 0.8 < background.mean() < 1
+    assert read_video_attributes(a) == first.attributes and read_video_attributes(b) == second.attributes
+
+
 @pytest.mark.parametrize("change, field", [
     ({"width": 16}, "32x32"), ({"size": (0.4, 0.3)}, "size"), ({"travel": (0.6, 0.7)}, "center square"),
-    ({"val_fraction": 1.0}, "val_fraction"), ({"frames": 1}, "frames"),
+    ({"val_fraction": 1.0}, "val_fraction"), ({"frames": 1}, "frames"), ({"color_variants": 0}, "color_variants"),
+    ({"color_variants": 5}, "color_variants"),
 ])
 def test_config_errors_name_the_field(change, field):
     with pytest.raises(ValueError, match=field):

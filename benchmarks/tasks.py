@@ -1,7 +1,8 @@
 """Every task of the mixture on the synthetic world: the LLM trained on the full mixture, each task measured by the
 oracle on clips it never saw, next to its chance level and a trivial baseline.
 
-Stages (each resumes in WORK, so a second run only measures): the demo's corpus, with 8 of its 48 attribute
+Stages (each resumes in WORK, so a second run only measures): the demo's corpus with each geometry in 2 colors
+(`synth.color_variants`: stylization's structure videos come with two captions), with 8 of its 48 attribute
 combinations (`held_out`) held out of everything that trains (tokenizers, LLM, super-resolution); both tokenizers;
 the tokenize job with structure videos and 2x tokens; the LLM on all 11 tasks; one 2x super-resolution stage. Every
 section is the demo's (`videopoet demo`), with `--set` on top (`--set llm.train.steps=2000`).
@@ -77,8 +78,8 @@ def config(overrides: list[str], quick: bool) -> DemoConfig:
     base = to_dict(DemoConfig())
     defaults = [f"llm.mixture.weights.{task}={weight}" for task, weight in FULL_MIXTURE.items()]
     steps, every = (600, 300) if quick else (5000, 1000)
-    defaults += ["tokenize.structure=true", f"clips={192 if quick else 384}", f"llm.train.steps={steps}",
-                 f"llm.train.eval_every={every}", f"llm.train.checkpoint_every={every}"]
+    defaults += ["tokenize.structure=true", "synth.color_variants=2", f"clips={192 if quick else 384}",
+                 f"llm.train.steps={steps}", f"llm.train.eval_every={every}", f"llm.train.checkpoint_every={every}"]
     return from_dict(DemoConfig, apply_overrides(base, [*defaults, *overrides]))
 
 

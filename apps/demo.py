@@ -34,10 +34,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from eval.stage import EvalConfig, run_eval
 from pipeline.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
 from pipeline.generation import SamplingConfig, VideoPoet, model_dir
+from pipeline.magvit import MagvitModel
 from pipeline.manifest import read_manifest
 from pipeline.media import decode, write_video
 from pipeline.oracle import ATTRIBUTES, read_attributes, read_audio_attributes, read_video_attributes, score, score_av
@@ -76,7 +78,8 @@ class DemoConfig:
     # Greedy: a few minutes of training leave the model sure of a clip's first frame but not of every later code, and
     # sampling those doubts makes objects smear (measured: adherence 65% greedy, 54% at temperature 0.3, 48% at 0.7).
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
-    synth: SynthConfig = field(default_factory=SynthConfig)
+    # One 9-frame clip at 8 fps per file (1.125 s, the demo flavors' `media.clip_frames`).
+    synth: SynthConfig = field(default_factory=lambda: SynthConfig(frames=27))
     video_tokenizer: VideoTokenizerTrainConfig = field(
         default_factory=_flavor(VideoTokenizerTrainConfig, VideoModality.kinds))
     audio_tokenizer: AudioTokenizerTrainConfig = field(
@@ -103,6 +106,28 @@ class DemoConfig:
         check_inputs(self.llm.mixture, made, "the demo's shards")
         if not self.tokenize.hr:
             raise ValueError("tokenize.hr = false: the demo's superres stage trains on the shards' 2x tokens")
+        self._check_clips()
+
+    def _check_clips(self):
+        """The stages agree on the clip before anything trains (a mismatch would otherwise surface stages later)."""
+        media = self.tokenize.media
+        clip = (media.clip_frames, media.fps)
+        for name in ("video_tokenizer", "audio_tokenizer"):
+            other = getattr(self, name).media
+            if (other.clip_frames, other.fps) != clip:
+                raise ValueError(f"{name}.media: clips of {other.clip_frames} frames at {other.fps:g} fps, but "
+                                 f"tokenize.media makes {media.clip_frames} at {media.fps:g} fps")
+        if self.synth.seconds < media.clip_frames / media.fps:
+            raise ValueError(f"synth: {self.synth.frames} frames at {self.synth.fps} fps are shorter than one clip "
+                             f"({media.clip_frames} frames at {media.fps:g} fps)")
+        with torch.device("meta"):
+            grid = MagvitModel(self.video_tokenizer.model).latent_shape(media.clip_frames, media.height, media.width)
+        sr = self.superres.model
+        if sr.lr_grid != grid:
+            t, h, w = grid
+            raise ValueError(f"superres.model.grid {list(sr.grid)} up-samples {sr.lr_grid} codes, but the video "
+                             f"tokenizer makes {grid} of the demo's clips: set superres.model.grid = [{t}, {2 * h}, "
+                             f"{2 * w}] and windows that tile it")
 
 
 TRAINING_STAGES = ("video_tokenizer", "audio_tokenizer", "llm", "superres")

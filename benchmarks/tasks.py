@@ -5,7 +5,8 @@ Stages (each resumes in WORK, so a second run only measures): the demo's corpus 
 (`synth.color_variants`: stylization's structure videos come with two captions), with 8 of its 48 attribute
 combinations (`held_out`) held out of everything that trains (tokenizers, LLM, super-resolution); both tokenizers;
 the tokenize job with structure videos and 2x tokens; the LLM on all 11 tasks; one 2x super-resolution stage. Every
-section is the demo's (`videopoet demo`), with `--set` on top (`--set llm.train.steps=2000`).
+section is the demo's (`videopoet demo`) but for the clip: the paper's 17 frames (5 latent frames: the continuation
+tasks get 2 and predict 3), where the demo has 9; `--set` goes on top (`--set llm.train.steps=2000`).
 
 Measured, on a fresh corpus (seed 1: new sizes, positions, sounds) decoded as the tokenize job decodes:
     text_to_video / text_to_image   captions of held-out combinations (compositional generalization) and of seen ones
@@ -78,6 +79,10 @@ def config(overrides: list[str], quick: bool) -> DemoConfig:
     base = to_dict(DemoConfig())
     defaults = [f"llm.mixture.weights.{task}={weight}" for task, weight in FULL_MIXTURE.items()]
     steps, every = (600, 300) if quick else (5000, 1000)
+    defaults += [f"{stage}.media.{key}=17" for stage in ("video_tokenizer", "audio_tokenizer", "tokenize")
+                 for key in ("clip_frames", "stride_frames")]
+    defaults += ["synth.frames=51", "superres.model.grid=[5,16,16]",
+                 "superres.model.windows=[[1,16,4],[1,4,16],[5,4,4]]"]
     defaults += ["tokenize.structure=true", "synth.color_variants=2", f"clips={192 if quick else 384}",
                  f"llm.train.steps={steps}", f"llm.train.eval_every={every}", f"llm.train.checkpoint_every={every}"]
     return from_dict(DemoConfig, apply_overrides(base, [*defaults, *overrides]))

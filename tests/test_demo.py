@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import local_export, read_metadata
+from pipeline.config import apply_overrides, from_dict, to_dict
 from pipeline.media import MediaConfig, decode
 from pipeline.shards import open_shards
 from pipeline.synth import attribute_key, held_out_combinations
@@ -63,8 +64,8 @@ def test_demo_end_to_end_into_a_bucket(s3_env, s3, tracking_server, tmp_path, mo
     assert not any(".tmp-" in key for key in keys)
     (side_by_side,) = fnmatch.filter(keys, "samples/sr_*.mp4")
     (tmp_path / "sr.mp4").write_bytes(s3.open_input_stream(f"bucket/runs/demo/{side_by_side}").read())
-    frames = decode(str(tmp_path / "sr.mp4"), MediaConfig(height=64, width=128, clip_frames=17)).clips[0].frames
-    assert frames.shape == (17, 64, 128, 3)  # 32x32 enlarged 2x, next to the 2x stage's 64x64
+    frames = decode(str(tmp_path / "sr.mp4"), MediaConfig(height=64, width=128, clip_frames=9)).clips[0].frames
+    assert frames.shape == (9, 64, 128, 3)  # 32x32 enlarged 2x, next to the 2x stage's 64x64
     assert not list((tmp_path / "cwd").iterdir())
     assert sorted(tmp_path.rglob("*.db")) == [tmp_path / "server" / "mlflow.db"]
 
@@ -118,8 +119,6 @@ def check_lineage(uri, runs, out):
 def test_flavor_defaults_survive_overrides(tmp_path):
     base = DemoConfig()
     assert base.llm.train.steps > 2 and base.video_tokenizer.media.width == 32 and base.tokenize.hr
-    from pipeline.config import apply_overrides, from_dict, to_dict
-
     cfg = from_dict(DemoConfig, apply_overrides(to_dict(base), ["llm.train.steps=2"]))
     assert cfg.llm.train.steps == 2 and cfg.llm.train.lr == base.llm.train.lr and cfg.llm.model == base.llm.model
 
@@ -131,3 +130,23 @@ def test_demo_rejects_unknown_keys_and_empty_sample_counts(tmp_path, capsys):
     assert "sr_samples must be >= 1" in capsys.readouterr().err
     assert main(["--out", "s3://bucket/runs/demo"]) == 2  # refused before the bucket is touched
     assert "set tracking.uri to a tracking server" in capsys.readouterr().err
+
+
+def test_demo_refuses_stages_that_disagree_on_the_clip(tmp_path, capsys):
+    """Refused before anything runs, naming the field: the 2x stage's grid is otherwise checked after the LLM."""
+    paper_clip = ["superres.model.grid=[5,16,16]", "superres.model.windows=[[1,16,4],[1,4,16],[5,4,4]]"]
+    cases = {
+        "superres.model.grid [5, 16, 16] up-samples (5, 8, 8) codes, but the video tokenizer makes (3, 8, 8) of the "
+        "demo's clips: set superres.model.grid = [3, 16, 16]": paper_clip,
+        "audio_tokenizer.media: clips of 17 frames at 8 fps, but tokenize.media makes 9": [
+            "audio_tokenizer.media.clip_frames=17"],
+        "synth: 24 frames at 24 fps are shorter than one clip (9 frames at 8 fps)": ["synth.frames=24"],
+    }
+    for message, overrides in cases.items():
+        assert main(["--out", str(tmp_path / "out"), *(a for o in overrides for a in ("--set", o))]) == 2
+        assert message in capsys.readouterr().err
+    clip17 = [f"{s}.media.{k}=17" for s in ("video_tokenizer", "audio_tokenizer", "tokenize")
+              for k in ("clip_frames", "stride_frames")]
+    cfg = from_dict(DemoConfig, apply_overrides(to_dict(DemoConfig()), [*clip17, "synth.frames=51", *paper_clip]))
+    assert cfg.superres.model.lr_grid == (5, 8, 8)  # the paper's 17-frame clips, every stage told
+    assert not (tmp_path / "out").exists()

@@ -191,7 +191,7 @@ def test_flavors():
         params = sum(p.numel() for p in SuperResTransformer(paper).parameters())
     assert 0.9e9 < params < 1.1e9  # the paper's 1B first stage
     demo = load_config(SuperResConfig, "demo", kind="superres")
-    assert demo.grid == (5, 16, 16) and demo.lr_grid == (5, 8, 8)
+    assert demo.grid == (3, 16, 16) and demo.lr_grid == (3, 8, 8)  # the demo's 9-frame clips
 
 
 def test_config_rejects_bad_windows():

@@ -6,7 +6,6 @@ dtype), not read from a spec sheet, so the figure means the same on a CPU, an H1
 
 from __future__ import annotations
 
-import functools
 import time
 
 import torch
@@ -24,18 +23,33 @@ def transformer_flops_per_token(cfg: LLMConfig, sequence_length: float) -> float
     return 6 * matmul_params + 12 * cfg.depth * cfg.width * sequence_length
 
 
-@functools.cache
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
-    """Best FLOP/s of repeated (size x size) @ (size x size) matmuls on `device` in `dtype`."""
+    """Best FLOP/s of repeated (size x size) @ (size x size) matmuls on `device` in `dtype`, over `seconds` (at least
+    one matmul)."""
     if device.type == "cpu":
         size = min(size, 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    while best == 0.0 or time.perf_counter() < deadline:
         began = time.perf_counter()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = max(best, 2 * size**3 / (time.perf_counter() - began))
     return best
+
+
+class MatmulPeak:
+    """The device's matmul peak for a training run's MFU: the best rate measured in the run, at its start and again
+    briefly at every report. One measurement can land while other processes hold the cores (Ray's at the start of a
+    run: a peak read at a third of the device's rate made MFU 109%), and the best over the run does not keep it."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, seconds: float = 0.5):
+        self.device, self.dtype = device, dtype
+        self.flops = matmul_peak_flops(device, dtype, seconds=seconds)
+
+    def update(self, seconds: float = 0.02) -> float:
+        """Measure again for `seconds` (a few matmuls: well under 1% of a report interval); the best so far."""
+        self.flops = max(self.flops, matmul_peak_flops(self.device, self.dtype, seconds=seconds))
+        return self.flops

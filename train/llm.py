@@ -38,7 +38,7 @@ from train.cli import app_config
 from train.data import log_lineage, shard_columns, split_datasets
 from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, all_reduce_mean, final_weights, fit,
                           result_metrics)
-from train.flops import matmul_peak_flops, transformer_flops_per_token
+from train.flops import MatmulPeak, transformer_flops_per_token
 from train.mixture import Mixture, MixtureConfig, Row, check_inputs, collate, rows_from_table
 from train.runs import RunFolder, log_export, open_run, write_run_config, write_summary
 
@@ -111,7 +111,7 @@ class LLMRecipe(Recipe):
         self.val_rows = collect_rows(worker.dataset("val"))
         self.skipped: dict[str, int] = {}
         self.flops_per_token = transformer_flops_per_token(self.model_cfg, config["mean_length"])
-        self.peak = matmul_peak_flops(worker.device, worker.dtype)
+        self.peak = MatmulPeak(worker.device, worker.dtype)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         model = VideoPoetLM(self.model_cfg)
@@ -144,7 +144,7 @@ class LLMRecipe(Recipe):
     def metrics(self, sums: dict[str, float], seconds: float) -> dict[str, float]:
         tokens_per_s = sums["tokens"] / seconds * self.worker.world_size
         return {**task_losses(sums), "tokens_per_s": tokens_per_s, "padding": sums["padding_sum"] / sums["batches"],
-                "mfu": tokens_per_s * self.flops_per_token / (self.peak * self.worker.world_size)}
+                "mfu": tokens_per_s * self.flops_per_token / (self.peak.update() * self.worker.world_size)}
 
     @torch.no_grad()
     def validate(self, engines) -> dict[str, float]:

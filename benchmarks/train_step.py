@@ -20,11 +20,11 @@ worker reserves as many CPUs (`train.cpus_per_worker`); both report their `torch
 thread: on a shared, oversubscribed CPU the OpenMP barriers of multi-threaded kernels wait on descheduled threads.
 
 On a GPU (`--device cuda`) both paths train in bf16 (autocast over fp32 weights for the plain loop, DeepSpeed's bf16
-for the trainer). MFU (`train.flops`: model FLOPs per token x tokens/s) is given against the matmul peak measured in
-the training dtype (bf16 on a GPU, float32 on the CPU) and, on a GPU, against the spec sheet's dense bf16 peak
-(`--spec-tflops`, 989 for an H100 or H200). Peak memory: `torch.cuda.max_memory_allocated` on a GPU (the trainer's
-read inside its Ray worker), the process's peak RSS on the CPU. The last printed line is one JSON object with every
-figure.
+for the trainer). MFU (`train.flops.batch_flops`: the batch's model FLOPs per step time) is given against the
+matmul peak measured in the training dtype (bf16 on a GPU, float32 on the CPU) and, on a GPU, against the spec sheet's
+dense bf16 peak (`--spec-tflops`, 989 for an H100 or H200). Peak memory: `torch.cuda.max_memory_allocated` on a GPU
+(the trainer's read inside its Ray worker), the process's peak RSS on the CPU. The last printed line is one JSON object
+with every figure.
 
     python benchmarks/train_step.py [--flavor demo] [--batch 8] [--steps 6] [--warmup 2] [--rounds 3] [--threads 1]
     python benchmarks/train_step.py --device cuda --flavor 300m --batch 16 [--spec-tflops 989]
@@ -54,7 +54,7 @@ from pipeline.llm import LLMConfig, VideoPoetLM
 from pipeline.sequence import Task, build_sequence
 from pipeline.tracking import NullRun
 from train.engine import DeepSpeedConfig, Objective, Recipe, TrainConfig, final_weights, fit, lr_at
-from train.flops import matmul_peak_flops, transformer_flops_per_token
+from train.flops import batch_flops, matmul_peak_flops
 from train.mixture import collate
 
 WORDS = 8
@@ -204,18 +204,18 @@ def median_ms(times: list[float]) -> float:
     return round(1000 * statistics.median(times), 1)
 
 
-def mfu_figures(model_cfg: LLMConfig, tokens: int, batch: int, steps: dict[str, list[float]],
-                device: torch.device, spec_tflops: float) -> dict[str, float]:
-    """MFU of each path: model FLOPs per token (at the batch's mean length) x tokens/s over the matmul peak measured
-    in the training dtype and, on a GPU, over the spec sheet's bf16 peak."""
-    flops = transformer_flops_per_token(model_cfg, tokens / batch)
+def mfu_figures(step_flops: float, steps: dict[str, list[float]], device: torch.device, spec_tflops: float
+                ) -> dict[str, float]:
+    """MFU of each path: the batch's model FLOPs (`train.flops.batch_flops`, as the trainer counts them) over the
+    median step time, against the matmul peak measured in the training dtype and, on a GPU, the spec sheet's bf16
+    peak."""
     cuda = device.type == "cuda"
     # 8192^3 matmuls on a GPU: at 2048 one matmul takes tens of microseconds and the synchronize after each one
     # would be a sizeable part of the time, understating the peak (and overstating MFU).
     peak = matmul_peak_flops(device, torch.bfloat16 if cuda else torch.float32, size=8192 if cuda else 1024)
     figures = {"peak_tflops": round(peak / 1e12, 3), "peak_dtype": "bfloat16" if cuda else "float32"}
     for path, times in steps.items():
-        achieved = tokens / statistics.median(times) * flops
+        achieved = step_flops / statistics.median(times)
         figures[f"{path}_tflops"] = round(achieved / 1e12, 3)
         figures[f"{path}_mfu"] = round(achieved / peak, 4)
         if cuda:
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "trainer_wall_s": round(statistics.median(walls["trainer"]), 2),
         "plain_peak_memory_gib": max(peaks["plain"]), "trainer_peak_memory_gib": max(peaks["trainer"]),
         "peak_memory": "torch.cuda.max_memory_allocated" if use_gpu else "process peak RSS",
-        **mfu_figures(model_cfg, tokens, args.batch, steps, device, args.spec_tflops),
+        **mfu_figures(batch_flops(model_cfg, batch), steps, device, args.spec_tflops),
     }
     print(f"{args.flavor} ({params / 1e6:.1f}M parameters, {result['device']}, {tokens} tokens per step): plain "
           f"{result['plain_step_ms']} ms/step on {result['threads_plain']} threads, TorchTrainer + ZeRO-3 "

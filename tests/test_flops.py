@@ -1,30 +1,42 @@
-"""MFU's two halves: the model's FLOPs per token against torch's FLOP counter, and the measured peak."""
+"""MFU's two halves: the model's FLOPs per batch against torch's FLOP counter, and the measured peak."""
 
 from dataclasses import replace
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.llm import LLMConfig, VideoPoetLM
+from pipeline.sequence import Task, build_sequence
 from pipeline.vocab import Vocabulary
-from train.flops import MatmulPeak, matmul_peak_flops, transformer_flops_per_token
+from train.flops import MatmulPeak, batch_flops, matmul_peak_flops, sequence_flops
+from train.mixture import collate
 
 CFG = LLMConfig(vocab=Vocabulary(video_codes=64, audio_levels=2, audio_codes=16, text_size=8), width=32, depth=2,
                 heads=2, mlp_width=48, text_width=0, attention="sdpa")
 
 
-def test_matmul_flops_per_token_match_torch_counter():
-    """The formula's matmul part is what FlopCounterMode counts over a real loss forward and backward (every position
-    a target, so the head runs on every token); the counter does not see CPU attention kernels, checked apart."""
+def test_matmul_flops_of_a_batch_match_torch_counter():
+    """The formula's matmul part is what FlopCounterMode counts over a real loss forward and backward of collated
+    sequences of two tasks and lengths (the head runs on the targets only); the counter does not see CPU attention
+    kernels, checked apart."""
     model = VideoPoetLM(CFG)
-    batch, length = 2, 33
-    ids = torch.randint(0, CFG.vocab.size, (batch, length), generator=torch.Generator().manual_seed(0))
-    targets = torch.ones(batch, length, dtype=torch.bool)
-    targets[:, 0] = False
+    rng = np.random.default_rng(0)
+    batch = collate([build_sequence(Task.TEXT_TO_VIDEO, CFG.vocab, rng.integers(64, size=(2, 2, 2)),
+                                    text=rng.integers(8, size=3)),
+                     build_sequence(Task.VIDEO_TO_AUDIO, CFG.vocab, rng.integers(64, size=(2, 2, 2)),
+                                    audio=rng.integers(16, size=(2, 5)))])
+    lengths, targets = batch["lengths"] - 1, batch["loss_mask"].sum(1)
+    assert targets[1] < lengths[1] / 2  # the video-to-audio prefix: no head there
     with FlopCounterMode(display=False) as counter:
-        loss, _ = model.loss(ids, 4, targets)
+        loss, _ = model.loss(torch.from_numpy(batch["ids"]), torch.from_numpy(batch["prefix_len"]),
+                             torch.from_numpy(batch["loss_mask"] > 0))
         loss.backward()
-    assert counter.get_total_flops() == batch * (length - 1) * transformer_flops_per_token(CFG, 0)
+    # The model runs every sequence at the padded length; the formula counts each at its own.
+    padded = np.full_like(lengths, batch["ids"].shape[1] - 1)
+    matmuls = sequence_flops(CFG, padded, targets) - np.sum(12 * CFG.depth * CFG.width * padded**2)  # attention
+    assert counter.get_total_flops() == matmuls
+    assert batch_flops(CFG, batch) == sequence_flops(CFG, lengths, targets) < sequence_flops(CFG, padded, targets)
 
 
 def test_attention_flops_per_token_match_torch_counter():
@@ -35,8 +47,8 @@ def test_attention_flops_per_token_match_torch_counter():
     with FlopCounterMode(display=False) as counter:
         (torch.softmax(q @ k.transpose(1, 2), -1) @ v).sum().backward()
     one_layer = replace(CFG, depth=1)
-    per_layer = transformer_flops_per_token(one_layer, length) - transformer_flops_per_token(one_layer, 0)
-    assert counter.get_total_flops() == length * per_layer
+    assert counter.get_total_flops() == sequence_flops(one_layer, [length], [0]) - sequence_flops(one_layer, [0], [0]) \
+        - 6 * one_layer.depth * (4 * CFG.width ** 2 + 3 * CFG.width * CFG.mlp_width) * length
 
 
 def test_peak_keeps_the_best_measurement():

@@ -1,4 +1,4 @@
-"""FLOPs accounting for MFU: the model's FLOPs per trained token, and the device's measured matmul peak.
+"""FLOPs accounting for MFU: the model's FLOPs per training batch, and the device's measured matmul peak.
 
 MFU = achieved FLOP/s / peak FLOP/s. The peak is measured (a large square matmul on the device, in the training
 dtype), not read from a spec sheet, so the figure means the same on a CPU, an H100 or an H200.
@@ -7,20 +7,29 @@ dtype), not read from a spec sheet, so the figure means the same on a CPU, an H1
 from __future__ import annotations
 
 import time
+from typing import Mapping
 
+import numpy as np
 import torch
 
 from pipeline.llm import LLMConfig
 
 
-def transformer_flops_per_token(cfg: LLMConfig, sequence_length: float) -> float:
-    """Forward + backward FLOPs per token: 6 x the matmul parameters, plus attention scores and values
-    (2 matmuls of width x length per layer, x 3 for forward and backward, x 2 FLOPs per multiply-add)."""
-    attention = 4 * cfg.width * cfg.width
-    mlp = 3 * cfg.width * cfg.mlp_width
+def sequence_flops(cfg: LLMConfig, positions: np.ndarray, targets: np.ndarray) -> float:
+    """Forward + backward FLOPs of sequences with `positions` forward positions and `targets` loss positions each:
+    6 x the blocks' matmul parameters per position, 6 x the output head's per target (the loss runs the head on the
+    targets only: a video-to-audio sequence's 192-code prefix costs no head), and attention scores and values (2
+    matmuls of width x length per position and layer, x 3 for forward and backward, x 2 FLOPs per multiply-add)."""
+    positions, targets = np.asarray(positions, np.float64), np.asarray(targets, np.float64)
+    blocks = cfg.depth * (4 * cfg.width * cfg.width + 3 * cfg.width * cfg.mlp_width)
     head = cfg.width * cfg.vocab.size
-    matmul_params = cfg.depth * (attention + mlp) + head
-    return 6 * matmul_params + 12 * cfg.depth * cfg.width * sequence_length
+    return float(np.sum(6 * blocks * positions + 6 * head * targets + 12 * cfg.depth * cfg.width * positions**2))
+
+
+def batch_flops(cfg: LLMConfig, batch: Mapping[str, np.ndarray]) -> float:
+    """`sequence_flops` of a collated batch (`train.mixture.collate`): the last token of a sequence predicts nothing
+    and is left out of the forward."""
+    return sequence_flops(cfg, batch["lengths"] - 1, batch["loss_mask"].sum(1))
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:

@@ -38,7 +38,7 @@ from train.cli import app_config
 from train.data import log_lineage, shard_columns, split_datasets
 from train.engine import (DeepSpeedConfig, Objective, Recipe, TrainConfig, Worker, all_reduce_mean, final_weights, fit,
                           result_metrics)
-from train.flops import MatmulPeak, transformer_flops_per_token
+from train.flops import MatmulPeak, batch_flops
 from train.mixture import Mixture, MixtureConfig, Row, check_inputs, collate, rows_from_table
 from train.runs import RunFolder, log_export, open_run, write_run_config, write_summary
 
@@ -110,7 +110,6 @@ class LLMRecipe(Recipe):
         # Every rank keeps all validation rows: ZeRO-3 forwards are collective, so all ranks must run the same ones.
         self.val_rows = collect_rows(worker.dataset("val"))
         self.skipped: dict[str, int] = {}
-        self.flops_per_token = transformer_flops_per_token(self.model_cfg, config["mean_length"])
         self.peak = MatmulPeak(worker.device, worker.dtype)
 
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -139,12 +138,13 @@ class LLMRecipe(Recipe):
         engine.step()
         return {f"{task.value}.loss_sum": stats["loss_sum"].sum().item(),
                 f"{task.value}.tokens": stats["tokens"].sum().item(),
-                "padding_sum": float(batch["padding"]), "batches": 1.0, "tokens": float(batch["lengths"].sum())}
+                "padding_sum": float(batch["padding"]), "batches": 1.0, "tokens": float(batch["lengths"].sum()),
+                "flops": batch_flops(self.model_cfg, batch)}
 
     def metrics(self, sums: dict[str, float], seconds: float) -> dict[str, float]:
         tokens_per_s = sums["tokens"] / seconds * self.worker.world_size
         return {**task_losses(sums), "tokens_per_s": tokens_per_s, "padding": sums["padding_sum"] / sums["batches"],
-                "mfu": tokens_per_s * self.flops_per_token / (self.peak.update() * self.worker.world_size)}
+                "mfu": sums["flops"] / seconds / self.peak.update()}
 
     @torch.no_grad()
     def validate(self, engines) -> dict[str, float]:
@@ -213,7 +213,6 @@ def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, paren
         began = time.perf_counter()
         with run:
             train_ds, val_ds = split_datasets(shards, TOKEN_COLUMNS)
-            lengths = [len(s) for s in shards.to_table(["video_tokens"]).column("video_tokens").to_pylist()[:64]]
             run.log_params({"vocab_size": model_cfg.vocab.size, "parameters": _parameters(model_cfg),
                             "shards_fingerprint": shards.fingerprint})
             if init:
@@ -223,8 +222,7 @@ def train_llm(app: LLMTrainConfig, data: str | list[str], out: str | Path, paren
             run.log_metrics({"train_clips": train_rows, "val_clips": val_rows})
             log_lineage(run, shards, str(data), train_rows, val_rows)
             result = fit("llm", LLMRecipe, app, folder.location, run, {"train": train_ds, "val": val_ds},
-                         model=to_dict(model_cfg), data=str(data), mean_length=float(np.mean(lengths)) + 16,
-                         words=words)
+                         model=to_dict(model_cfg), data=str(data), words=words)
             weights, step = final_weights(result)
             model = VideoPoetLM(model_cfg)
             model.load_state_dict(weights)

@@ -39,7 +39,7 @@ def test_matmul_flops_of_a_batch_match_torch_counter():
     assert batch_flops(CFG, batch) == sequence_flops(CFG, lengths, targets) < sequence_flops(CFG, padded, targets)
 
 
-def test_attention_flops_per_token_match_torch_counter():
+def test_attention_flops_match_torch_counter():
     """Scores and values of full attention, forward and backward, in explicit matmuls: 12 x width x length a token
     per layer, as the formula adds."""
     length, heads, head_dim = 24, CFG.heads, CFG.width // CFG.heads

@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     flavors = (args.flavors or ("debug,demo,paper" if device.type == "cuda" else "debug,demo")).split(",")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # 8192^3 matmuls on a GPU: smaller ones are short enough that the synchronize after each understates the peak.
-    peak = matmul_peak_flops(device, dtype, size=8192 if device.type == "cuda" else 1024)
+    peak = matmul_peak_flops(device, dtype)
 
     results = {}
     for modality in ("video", "audio"):

@@ -210,9 +210,7 @@ def mfu_figures(step_flops: float, steps: dict[str, list[float]], device: torch.
     median step time, against the matmul peak measured in the training dtype and, on a GPU, the spec sheet's bf16
     peak."""
     cuda = device.type == "cuda"
-    # 8192^3 matmuls on a GPU: at 2048 one matmul takes tens of microseconds and the synchronize after each one
-    # would be a sizeable part of the time, understating the peak (and overstating MFU).
-    peak = matmul_peak_flops(device, torch.bfloat16 if cuda else torch.float32, size=8192 if cuda else 1024)
+    peak = matmul_peak_flops(device, torch.bfloat16 if cuda else torch.float32)
     figures = {"peak_tflops": round(peak / 1e12, 3), "peak_dtype": "bfloat16" if cuda else "float32"}
     for path, times in steps.items():
         achieved = step_flops / statistics.median(times)

@@ -55,7 +55,7 @@ def test_peak_keeps_the_best_measurement():
     """A peak read while other processes held the cores (here: set to 1 FLOP/s) does not stand past the next
     report; a reading never goes down."""
     device = torch.device("cpu")
-    assert matmul_peak_flops(device, torch.float32, size=64, seconds=0) > 0  # at least one matmul, even with no time
+    assert matmul_peak_flops(device, torch.float32, seconds=0, size=64) > 0  # at least one matmul, even with no time
     peak = MatmulPeak(device, torch.float32, seconds=0.05)
     measured = peak.flops
     peak.flops = 1.0

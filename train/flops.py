@@ -32,20 +32,24 @@ def batch_flops(cfg: LLMConfig, batch: Mapping[str, np.ndarray]) -> float:
     return sequence_flops(cfg, batch["lengths"] - 1, batch["loss_mask"].sum(1))
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
-    """Best FLOP/s of repeated (size x size) @ (size x size) matmuls on `device` in `dtype`, over `seconds` (at least
-    one matmul)."""
-    if device.type == "cpu":
-        size = min(size, 1024)
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5, size: int | None = None
+                      ) -> float:
+    """Best FLOP/s of repeated square matmuls on `device` in `dtype`, over `seconds` (at least one burst): 1024^3 on
+    the CPU, 8192^3 on a GPU timed in bursts of 8 between synchronizations. A small GPU matmul takes tens of
+    microseconds, and a synchronize after each would be a sizeable part of the time (understating the peak and
+    overstating MFU)."""
+    cuda = device.type == "cuda"
+    size, burst = (size or 8192, 8) if cuda else (size or 1024, 1)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     best, deadline = 0.0, time.perf_counter() + seconds
     while best == 0.0 or time.perf_counter() < deadline:
         began = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
+        for _ in range(burst):
+            a @ b
+        if cuda:
             torch.cuda.synchronize(device)
-        best = max(best, 2 * size**3 / (time.perf_counter() - began))
+        best = max(best, burst * 2 * size**3 / (time.perf_counter() - began))
     return best
 
 

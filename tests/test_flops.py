@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.llm import LLMConfig, VideoPoetLM
 from pipeline.sequence import Task, build_sequence
 from pipeline.vocab import Vocabulary
-from train.flops import MatmulPeak, batch_flops, matmul_peak_flops, sequence_flops
+from train.flops import MatmulPeak, attention_flops, batch_flops, matmul_peak_flops, sequence_flops
 from train.mixture import collate
 
 CFG = LLMConfig(vocab=Vocabulary(video_codes=64, audio_levels=2, audio_codes=16, text_size=8), width=32, depth=2,
@@ -34,21 +34,18 @@ def test_matmul_flops_of_a_batch_match_torch_counter():
         loss.backward()
     # The model runs every sequence at the padded length; the formula counts each at its own.
     padded = np.full_like(lengths, batch["ids"].shape[1] - 1)
-    matmuls = sequence_flops(CFG, padded, targets) - np.sum(12 * CFG.depth * CFG.width * padded**2)  # attention
-    assert counter.get_total_flops() == matmuls
+    assert counter.get_total_flops() == sequence_flops(CFG, padded, targets) - attention_flops(CFG, padded)
     assert batch_flops(CFG, batch) == sequence_flops(CFG, lengths, targets) < sequence_flops(CFG, padded, targets)
 
 
 def test_attention_flops_match_torch_counter():
-    """Scores and values of full attention, forward and backward, in explicit matmuls: 12 x width x length a token
-    per layer, as the formula adds."""
+    """Scores and values of full attention, forward and backward, in explicit matmuls: what the formula adds per
+    layer."""
     length, heads, head_dim = 24, CFG.heads, CFG.width // CFG.heads
     q, k, v = (torch.randn(heads, length, head_dim, requires_grad=True) for _ in range(3))
     with FlopCounterMode(display=False) as counter:
         (torch.softmax(q @ k.transpose(1, 2), -1) @ v).sum().backward()
-    one_layer = replace(CFG, depth=1)
-    assert counter.get_total_flops() == sequence_flops(one_layer, [length], [0]) - sequence_flops(one_layer, [0], [0]) \
-        - 6 * one_layer.depth * (4 * CFG.width ** 2 + 3 * CFG.width * CFG.mlp_width) * length
+    assert counter.get_total_flops() == attention_flops(replace(CFG, depth=1), [length])
 
 
 def test_peak_keeps_the_best_measurement():

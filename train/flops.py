@@ -15,15 +15,21 @@ import torch
 from pipeline.llm import LLMConfig
 
 
+def attention_flops(cfg: LLMConfig, positions: np.ndarray) -> float:
+    """Forward + backward FLOPs of attention scores and values over sequences of `positions` positions each: 2
+    matmuls of width x length per position and layer, x 3 for forward and backward, x 2 FLOPs per multiply-add."""
+    positions = np.asarray(positions, np.float64)
+    return float(np.sum(12 * cfg.depth * cfg.width * positions**2))
+
+
 def sequence_flops(cfg: LLMConfig, positions: np.ndarray, targets: np.ndarray) -> float:
     """Forward + backward FLOPs of sequences with `positions` forward positions and `targets` loss positions each:
     6 x the blocks' matmul parameters per position, 6 x the output head's per target (the loss runs the head on the
-    targets only: a video-to-audio sequence's 192-code prefix costs no head), and attention scores and values (2
-    matmuls of width x length per position and layer, x 3 for forward and backward, x 2 FLOPs per multiply-add)."""
+    targets only: a video-to-audio sequence's 192-code prefix costs no head), and attention."""
     positions, targets = np.asarray(positions, np.float64), np.asarray(targets, np.float64)
     blocks = cfg.depth * (4 * cfg.width * cfg.width + 3 * cfg.width * cfg.mlp_width)
     head = cfg.width * cfg.vocab.size
-    return float(np.sum(6 * blocks * positions + 6 * head * targets + 12 * cfg.depth * cfg.width * positions**2))
+    return float(np.sum(6 * blocks * positions + 6 * head * targets)) + attention_flops(cfg, positions)
 
 
 def batch_flops(cfg: LLMConfig, batch: Mapping[str, np.ndarray]) -> float:

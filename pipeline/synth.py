@@ -5,7 +5,9 @@ the same three attributes: the shape sets the pitch, the color sets which overto
 rate of a slow tremolo. Video determines audio and back. The features are chosen to survive 64x64 downscaling, H.264/
 AAC and lossy neural tokenizers: saturated, well-separated hues; large shapes; motion across ~a third of the frame;
 partials far apart in frequency; tremolo rates of a few hertz. Nuisances (size, start position, travel, background
-brightness, loudness, phases) are seeded per clip and kept small.
+brightness, loudness, the tremolo's phase) are seeded per clip and kept small. The partials start in phase, so that
+a clip's sound is a function of its attributes, its loudness and its tremolo's phase: with random partial phases each
+clip of a combination encodes to other audio codes, and video-to-audio becomes recall of training clips (measured).
 
 The source frame may be wider than tall (160x128 by default) and faster (24 fps) than the model's clips, so decoding
 exercises resampling and the center crop; the object always stays inside the center square.
@@ -47,8 +49,10 @@ PALETTE: dict[str, tuple[float, float, float]] = {
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 # Fundamentals a fifth apart, no one a harmonic of another; overtone orders put the second partial well clear of
-# every fundamental; tremolo rates 2 Hz apart stay distinct even over a 5-frame (0.6 s) clip.
-PITCH_HZ: dict[str, float] = {"circle": 220.0, "square": 330.0, "triangle": 495.0}
+# every fundamental; tremolo rates 2 Hz apart stay distinct even over a 5-frame (0.6 s) clip. Every partial is a
+# multiple of 50 Hz, the audio tokenizers' frame rate (16 kHz / 320): a 20 ms frame holds whole periods, so a steady
+# tone encodes to a steady code, not to one that cycles with the phase drift from frame to frame.
+PITCH_HZ: dict[str, float] = {"circle": 200.0, "square": 300.0, "triangle": 450.0}
 OVERTONE: dict[str, int] = {"red": 2, "green": 3, "blue": 4, "yellow": 5}
 TREMOLO_HZ: dict[str, float] = {"left": 2.0, "right": 4.0, "up": 6.0, "down": 8.0}
 
@@ -118,7 +122,7 @@ class SynthConfig:
     overtone_gain: float = 0.7  # overtone amplitude relative to the fundamental
     tremolo_depth: float = 0.7  # the envelope dips to 1 - depth
     val_fraction: float = 0.1
-    # Each geometry (size, path, background, volume, phases) rendered in this many colors, as consecutive clips: clips
+    # Each geometry (size, path, background, volume, tremolo phase) rendered in this many colors, as consecutive clips: clips
     # that differ only in color (and its overtone), so that a structure video, which carries no color, comes with
     # several captions and the caption's color is the only way to tell them apart (stylization's training pairs).
     color_variants: int = 1
@@ -166,7 +170,7 @@ class ClipSpec:
     end: tuple[float, float]  # and in the last
     background: float
     volume: float
-    phases: tuple[float, float, float]  # fundamental, overtone, tremolo
+    tremolo_phase: float
 
     @property
     def attributes(self) -> dict[str, str]:
@@ -209,7 +213,7 @@ def plan(cfg: SynthConfig, seed: int, n: int) -> list[ClipSpec]:
         specs.append(ClipSpec(
             id=f"synth-{seed}-{i:06d}", split=split, **attrs, size=size, start=start, end=end,
             background=rng.uniform(*cfg.background), volume=rng.uniform(*cfg.volume),
-            phases=tuple(rng.uniform(0, 2 * math.pi, 3))))
+            tremolo_phase=rng.uniform(0, 2 * math.pi)))
     return specs
 
 
@@ -246,9 +250,8 @@ def render_audio(spec: ClipSpec, cfg: SynthConfig) -> np.ndarray:
     """float32 mono: fundamental + overtone under a tremolo, with 10 ms fades against clicks."""
     t = np.arange(cfg.samples) / cfg.sample_rate
     f0 = PITCH_HZ[spec.shape]
-    p0, p1, p2 = spec.phases
-    tone = np.sin(2 * np.pi * f0 * t + p0) + cfg.overtone_gain * np.sin(2 * np.pi * OVERTONE[spec.color] * f0 * t + p1)
-    tremolo = 1 - cfg.tremolo_depth * 0.5 * (1 - np.cos(2 * np.pi * TREMOLO_HZ[spec.motion] * t + p2))
+    tone = np.sin(2 * np.pi * f0 * t) + cfg.overtone_gain * np.sin(2 * np.pi * OVERTONE[spec.color] * f0 * t)
+    tremolo = 1 - cfg.tremolo_depth * 0.5 * (1 - np.cos(2 * np.pi * TREMOLO_HZ[spec.motion] * t + spec.tremolo_phase))
     fade = np.clip(np.minimum(t, cfg.seconds - t) / 0.01, 0.0, 1.0)
     return (spec.volume / (1 + cfg.overtone_gain) * tremolo * fade * tone).astype(np.float32)
 

@@ -114,7 +114,7 @@ def test_color_variants_share_a_geometry_and_differ_in_color(variants):
     for g in range(0, len(specs), variants):
         group = specs[g: g + variants]
         assert len({s.color for s in group}) == variants and len({s.split for s in group}) == 1
-        geometry = {(s.shape, s.motion, s.size, s.start, s.end, s.background, s.volume, s.phases) for s in group}
+        geometry = {(s.shape, s.motion, s.size, s.start, s.end, s.background, s.volume, s.tremolo_phase) for s in group}
         assert len(geometry) == 1
     assert sum(s.split == "val" for s in specs) == 9 * variants  # 9 of the 96 geometries
     # Rendered, the siblings differ only where the object is, and the oracle reads each one's own color.

@@ -5,9 +5,10 @@ the same three attributes: the shape sets the pitch, the color sets which overto
 rate of a slow tremolo. Video determines audio and back. The features are chosen to survive 64x64 downscaling, H.264/
 AAC and lossy neural tokenizers: saturated, well-separated hues; large shapes; motion across ~a third of the frame;
 partials far apart in frequency; tremolo rates of a few hertz. Nuisances (size, start position, travel, background
-brightness, loudness, the tremolo's phase) are seeded per clip and kept small. The partials start in phase, so that
-a clip's sound is a function of its attributes, its loudness and its tremolo's phase: with random partial phases each
-clip of a combination encodes to other audio codes, and video-to-audio becomes recall of training clips (measured).
+brightness, loudness) are seeded per clip and kept small. Every phase of the sound is fixed (partials in phase, the
+tremolo at full loudness when the clip starts): nothing in the video shows a phase, so a random one makes
+video-to-audio ask for codes the video cannot tell, which greedy decoding averages away (measured: the tremolo, i.e.
+the motion, read at chance with random phases).
 
 The source frame may be wider than tall (160x128 by default) and faster (24 fps) than the model's clips, so decoding
 exercises resampling and the center crop; the object always stays inside the center square.
@@ -122,7 +123,7 @@ class SynthConfig:
     overtone_gain: float = 0.7  # overtone amplitude relative to the fundamental
     tremolo_depth: float = 0.7  # the envelope dips to 1 - depth
     val_fraction: float = 0.1
-    # Each geometry (size, path, background, volume, tremolo phase) rendered in this many colors, as consecutive clips: clips
+    # Each geometry (size, path, background, volume) rendered in this many colors, as consecutive clips: clips
     # that differ only in color (and its overtone), so that a structure video, which carries no color, comes with
     # several captions and the caption's color is the only way to tell them apart (stylization's training pairs).
     color_variants: int = 1
@@ -170,7 +171,6 @@ class ClipSpec:
     end: tuple[float, float]  # and in the last
     background: float
     volume: float
-    tremolo_phase: float
 
     @property
     def attributes(self) -> dict[str, str]:
@@ -212,8 +212,7 @@ def plan(cfg: SynthConfig, seed: int, n: int) -> list[ClipSpec]:
         split = "val" if math.floor((g + 1) * cfg.val_fraction) > math.floor(g * cfg.val_fraction) else "train"
         specs.append(ClipSpec(
             id=f"synth-{seed}-{i:06d}", split=split, **attrs, size=size, start=start, end=end,
-            background=rng.uniform(*cfg.background), volume=rng.uniform(*cfg.volume),
-            tremolo_phase=rng.uniform(0, 2 * math.pi)))
+            background=rng.uniform(*cfg.background), volume=rng.uniform(*cfg.volume)))
     return specs
 
 
@@ -251,7 +250,7 @@ def render_audio(spec: ClipSpec, cfg: SynthConfig) -> np.ndarray:
     t = np.arange(cfg.samples) / cfg.sample_rate
     f0 = PITCH_HZ[spec.shape]
     tone = np.sin(2 * np.pi * f0 * t) + cfg.overtone_gain * np.sin(2 * np.pi * OVERTONE[spec.color] * f0 * t)
-    tremolo = 1 - cfg.tremolo_depth * 0.5 * (1 - np.cos(2 * np.pi * TREMOLO_HZ[spec.motion] * t + spec.tremolo_phase))
+    tremolo = 1 - cfg.tremolo_depth * 0.5 * (1 - np.cos(2 * np.pi * TREMOLO_HZ[spec.motion] * t))
     fade = np.clip(np.minimum(t, cfg.seconds - t) / 0.01, 0.0, 1.0)
     return (spec.volume / (1 + cfg.overtone_gain) * tremolo * fade * tone).astype(np.float32)
 

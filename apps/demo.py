@@ -38,7 +38,7 @@ import torch
 
 from eval.stage import EvalConfig, run_eval
 from pipeline.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
-from pipeline.generation import SamplingConfig, VideoPoet, model_dir
+from pipeline.generation import Condition, SamplingConfig, VideoPoet, model_dir
 from pipeline.magvit import MagvitModel
 from pipeline.manifest import read_manifest
 from pipeline.media import decode, write_video
@@ -205,9 +205,9 @@ def text_to_video(cfg: DemoConfig, poet: VideoPoet, samples: Path) -> dict:
     prompts = prompts[: cfg.prompts]
     unseen = [c for c in combos if attribute_key(c) in held][: cfg.prompts]
     reads, high_reads = [], []
-    for i, attributes in enumerate(prompts):
+    results = poet.generate_batch("text_to_video", [Condition(caption(a)) for a in prompts], sampling=_sampling(cfg, 0))
+    for i, (attributes, result) in enumerate(zip(prompts, results)):
         name = f"{i}_{caption(attributes).replace(' ', '_')}"
-        result = poet.generate("text_to_video", prompt=caption(attributes), sampling=_sampling(cfg, i))
         reads.append(read_video_attributes(result.frames))
         if i < 4:
             write_video(str(samples / f"t2v_{name}.mp4"), result.frames, poet.media.fps)
@@ -218,9 +218,9 @@ def text_to_video(cfg: DemoConfig, poet: VideoPoet, samples: Path) -> dict:
     figures = {"text_to_video": score(reads, prompts),
                "text_to_video_2x": score(high_reads, prompts[: len(high_reads)])}
     if unseen:
-        figures["text_to_video_held_out"] = score([read_video_attributes(poet.generate(
-            "text_to_video", prompt=caption(attributes), sampling=_sampling(cfg, i)).frames)
-            for i, attributes in enumerate(unseen)], unseen)
+        results = poet.generate_batch("text_to_video", [Condition(caption(a)) for a in unseen],
+                                      sampling=_sampling(cfg, 0))
+        figures["text_to_video_held_out"] = score([read_video_attributes(r.frames) for r in results], unseen)
     return figures
 
 
@@ -230,16 +230,14 @@ def image_to_video(cfg: DemoConfig, poet: VideoPoet, trained: list[dict], held_o
     baseline of a held-out first frame held still (shape and color right, motion left to the oracle's reading of a
     still)."""
     def sample(rows: list[dict], name: str) -> tuple[dict, list[np.ndarray]]:
-        reads, firsts = [], []
-        for i, row in enumerate(rows):
-            frames = decode(row["path"], poet.media).clips[0].frames
-            result = poet.generate("image_to_video", frames=frames[:1], prompt=row["caption"],
-                                   sampling=_sampling(cfg, i))
-            reads.append(read_video_attributes(result.frames))
-            firsts.append(frames[:1])
-            if i < 2:
-                write_video(str(samples / f"{name}_{i}.mp4"), side_by_side(frames, result.frames), poet.media.fps)
-        return score(reads, [{a: row[a] for a in ATTRIBUTES} for row in rows]), firsts
+        clips = [decode(row["path"], poet.media).clips[0].frames for row in rows]
+        results = poet.generate_batch("image_to_video", [Condition(row["caption"], frames[:1])
+                                                         for row, frames in zip(rows, clips)],
+                                      sampling=_sampling(cfg, 0))
+        for i, (frames, result) in enumerate(zip(clips[:2], results)):
+            write_video(str(samples / f"{name}_{i}.mp4"), side_by_side(frames, result.frames), poet.media.fps)
+        reads = [read_video_attributes(result.frames) for result in results]
+        return score(reads, [{a: row[a] for a in ATTRIBUTES} for row in rows]), [frames[:1] for frames in clips]
 
     seen, _ = sample(trained, "i2v_trained")
     unseen, firsts = sample(held_out, "i2v_held_out")
@@ -251,9 +249,10 @@ def image_to_video(cfg: DemoConfig, poet: VideoPoet, trained: list[dict], held_o
 def video_to_audio(cfg: DemoConfig, poet: VideoPoet, rows: list[dict], samples: Path) -> dict:
     """A clip's frames -> its sound, and what the tokens keep: the oracle on the tokenizers' reconstruction."""
     reads, reconstructed = [], []
-    for i, row in enumerate(rows):
-        clip = decode(row["path"], poet.media).clips[0]
-        result = poet.generate("video_to_audio", frames=clip.frames, sampling=_sampling(cfg, i))
+    clips = [decode(row["path"], poet.media).clips[0] for row in rows]
+    results = poet.generate_batch("video_to_audio", [Condition(frames=clip.frames) for clip in clips],
+                                  sampling=_sampling(cfg, 0))
+    for i, (clip, result) in enumerate(zip(clips, results)):
         reads.append(read_audio_attributes(result.audio, poet.media.sample_rate))
         frames = poet.decode_video(poet.encode_video(clip.frames))
         audio = poet.decode_audio(poet.encode_audio(clip.audio))

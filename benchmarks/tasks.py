@@ -44,7 +44,7 @@ from einops import repeat
 
 from apps.demo import DemoConfig, synth_corpus
 from pipeline.config import apply_overrides, from_dict, to_dict
-from pipeline.generation import SamplingConfig, VideoPoet
+from pipeline.generation import Condition, SamplingConfig, VideoPoet
 from pipeline.manifest import read_manifest
 from pipeline.media import decode
 from pipeline.metrics import psnr
@@ -120,13 +120,14 @@ class Measure:
         self.poet, self.clips, self.sampling = poet, clips, sampling
         self.rate = poet.media.sample_rate
 
-    def sample(self, task: str, i: int, **kwargs):
-        return self.poet.generate(task, sampling=replace(self.sampling, seed=self.sampling.seed + i), **kwargs)
+    def sample(self, task: str, conditions: list[Condition], **kwargs) -> list:
+        """Sample i with seed `sampling.seed + i`, a batch at a time."""
+        return self.poet.generate_batch(task, conditions, sampling=self.sampling, **kwargs)
 
     def text(self, task: str, combos: list[dict]) -> dict[str, float]:
         reads = []
-        for i, attributes in enumerate(combos):
-            frames = self.sample(task, i, prompt=caption(attributes)).frames
+        for out in self.sample(task, [Condition(caption(attributes)) for attributes in combos]):
+            frames = out.frames
             reads.append(read_video_attributes(frames if len(frames) > 1 else np.repeat(frames, 2, axis=0)))
         scores = score(reads, combos)
         if task == "text_to_image":  # one frame shows no motion
@@ -135,9 +136,9 @@ class Measure:
         return scores
 
     def image_to_video(self) -> tuple[dict, dict]:
+        outs = self.sample("image_to_video", [Condition(caption(c["attributes"]), c["frames"][:1]) for c in self.clips])
         reads, copies = [], []
-        for i, clip in enumerate(self.clips):
-            out = self.sample("image_to_video", i, frames=clip["frames"][:1], prompt=caption(clip["attributes"]))
+        for clip, out in zip(self.clips, outs):
             reads.append(read_video_attributes(out.frames))
             copies.append(read_video_attributes(np.repeat(clip["frames"][:1], len(clip["frames"]), axis=0)))
         expected = [c["attributes"] for c in self.clips]
@@ -145,9 +146,10 @@ class Measure:
 
     def future_prediction(self) -> tuple[dict, dict]:
         given = 1 + 4 * (CONTEXT - 1)
+        outs = self.sample("future_prediction", [Condition(frames=c["frames"]) for c in self.clips],
+                           context_frames=CONTEXT)
         reads, copies = [], []
-        for i, clip in enumerate(self.clips):
-            out = self.sample("future_prediction", i, frames=clip["frames"], context_frames=CONTEXT)
+        for clip, out in zip(self.clips, outs):
             reads.append(read_video_attributes(out.frames))
             frames = clip["frames"]
             copies.append(read_video_attributes(np.concatenate(
@@ -162,10 +164,10 @@ class Measure:
         hidden = central_mask(grid)[0]
         hidden = hidden if task == "inpainting" else ~hidden
         reads, copies, ours, fills = [], [], [], []
-        for i, clip in enumerate(self.clips):
-            frames = clip["frames"]
+        outs = self.sample(task, [Condition(frames=c["frames"]) for c in self.clips])
+        for clip, generated in zip(self.clips, outs):
+            frames, out = clip["frames"], generated.frames
             pixels = repeat(hidden, "h w -> (h a) (w b)", a=frames.shape[1] // grid[1], b=frames.shape[2] // grid[2])
-            out = self.sample(task, i, frames=frames).frames
             fill = frames.copy()
             fill[:, pixels] = frames[:, ~pixels].mean(axis=1, keepdims=True).round().astype(np.uint8)
             reads.append(read_video_attributes(out))
@@ -179,32 +181,29 @@ class Measure:
     def stylization(self) -> tuple[dict, dict]:
         """Structure of one clip, caption of another color: the output's motion against the clip's, its color
         against the caption's."""
-        reads, copies, wanted = [], [], []
-        for i, clip in enumerate(self.clips):
-            attributes = dict(clip["attributes"])
-            attributes["color"] = COLORS[(COLORS.index(attributes["color"]) + 1) % len(COLORS)]
-            out = self.sample("stylization", i, frames=clip["frames"], prompt=caption(attributes))
-            reads.append(read_video_attributes(out.frames))
-            copies.append(read_video_attributes(structure_video(clip["frames"][None])[0]))
-            wanted.append(attributes)
+        wanted = [{**c["attributes"], "color": COLORS[(COLORS.index(c["attributes"]["color"]) + 1) % len(COLORS)]}
+                  for c in self.clips]
+        outs = self.sample("stylization", [Condition(caption(a), c["frames"]) for a, c in zip(wanted, self.clips)])
+        reads = [read_video_attributes(out.frames) for out in outs]
+        copies = [read_video_attributes(structure_video(c["frames"][None])[0]) for c in self.clips]
         return score(reads, wanted), score(copies, wanted)
 
     def cross_modal(self) -> dict[str, dict]:
-        video_reads, audio_reads = [], []
-        for i, clip in enumerate(self.clips):
-            audio = self.sample("video_to_audio", i, frames=clip["frames"]).audio
-            audio_reads.append(read_audio_attributes(audio, self.rate))
-            video_reads.append(read_video_attributes(self.sample("audio_to_video", i, audio=clip["audio"]).frames))
+        audio_reads = [read_audio_attributes(out.audio, self.rate) for out in self.sample(
+            "video_to_audio", [Condition(frames=c["frames"]) for c in self.clips])]
+        video_reads = [read_video_attributes(out.frames) for out in self.sample(
+            "audio_to_video", [Condition(audio=c["audio"]) for c in self.clips])]
         expected = [c["attributes"] for c in self.clips]
         return {"video_to_audio": score(audio_reads, expected), "audio_to_video": score(video_reads, expected)}
 
     def audio_video_continuation(self) -> tuple[dict, dict]:
         given = 1 + 4 * (CONTEXT - 1)
         samples = round(given / self.poet.media.fps * self.rate)
+        outs = self.sample("audio_video_continuation", [Condition(frames=c["frames"], audio=c["audio"])
+                                                        for c in self.clips], context_frames=CONTEXT)
         reads, copies = [], []
-        for i, clip in enumerate(self.clips):
+        for clip, out in zip(self.clips, outs):
             frames, audio = clip["frames"], clip["audio"]
-            out = self.sample("audio_video_continuation", i, frames=frames, audio=audio, context_frames=CONTEXT)
             reads.append(read_attributes(out.frames, out.audio, self.rate))
             still = np.concatenate([frames[:given], np.repeat(frames[given - 1:given], len(frames) - given, axis=0)])
             copies.append(read_attributes(still, np.resize(audio[:samples], len(audio)), self.rate))
@@ -212,9 +211,9 @@ class Measure:
         return both(score_av(reads, expected)), both(score_av(copies, expected))
 
     def unconditional(self, count: int, train_combos: list[tuple[str, ...]]) -> dict[str, float]:
-        sampling = replace(self.sampling, temperature=1.0)
-        reads = [read_video_attributes(self.poet.generate("unconditional", sampling=replace(sampling, seed=i)).frames)
-                 for i in range(count)]
+        outs = self.poet.generate_batch("unconditional", [Condition()] * count,
+                                        sampling=replace(self.sampling, temperature=1.0), seeds=range(count))
+        reads = [read_video_attributes(out.frames) for out in outs]
         valid = [r for r in reads if all(r.values())]
         tv = 1.0
         if valid:
@@ -224,8 +223,8 @@ class Measure:
 
     def through_2x(self, combos: list[dict]) -> dict[str, float]:
         base, high = [], []
-        for i, attributes in enumerate(combos):
-            out = self.sample("text_to_video", i, prompt=caption(attributes))
+        outs = self.sample("text_to_video", [Condition(caption(attributes)) for attributes in combos])
+        for i, (attributes, out) in enumerate(zip(combos, outs)):
             base.append(read_video_attributes(out.frames))
             high.append(read_video_attributes(self.poet.upsample(out.video_codes, caption(attributes), seed=i)[1]))
         return {"base": score(base, combos)["all"], "2x": score(high, combos)["all"]}

@@ -34,7 +34,7 @@ from eval.i3d import I3DConfig, I3DFeatureExtractor, InceptionI3d
 from eval.oracle_classifier import OracleAttributeClassifier
 from eval.prompts import ROW_COLUMNS, needs_condition, render_condition
 from pipeline.ffmpeg import MediaError
-from pipeline.generation import SamplingConfig, VideoPoet, load_frames
+from pipeline.generation import Condition, SamplingConfig, VideoPoet, load_frames
 from pipeline.media import MediaConfig, decode
 from pipeline.oracle import read_audio_attributes
 from pipeline.sequence import TASKS, Task
@@ -130,22 +130,30 @@ class Generate:
         attributes = {a: row[f"expected_{a}"] for a in ATTRIBUTES}
         return render_condition(attributes, self.poet.media, row["seed"])
 
-    def sample(self, row: dict[str, Any]) -> dict[str, Any]:
-        frames = audio = None
-        try:
-            if needs_condition(row["task"]):
-                frames, audio = self.condition(row)
-        except MediaError as e:
-            return {"frames": NO_FRAMES, "audio": NO_AUDIO, "ok": False, "error": f"condition {row['path']}: {e}"}
-        with _autocast(self.device):
-            result = self.poet.generate(row["task"], prompt=row["prompt"] or None, frames=frames, audio=audio,
-                                        sampling=replace(self.sampling, seed=row["seed"]))
-        audio_out = NO_AUDIO if result.audio is None else np.asarray(result.audio, np.float32)
-        return {"frames": result.frames, "audio": audio_out, "ok": True, "error": ""}
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [{**row, **self.sample(row)} for row in _items(batch)]
-        return _columns(rows, [*ROW_COLUMNS, *GENERATED])
+        """Rows of one task are sampled together, each with its own seed (as if alone); a condition that cannot be
+        read fails its row only."""
+        rows = _items(batch)
+        generated: list[dict[str, Any] | None] = [None] * len(rows)
+        by_task: dict[str, list[tuple[int, Condition]]] = {}
+        for i, row in enumerate(rows):
+            frames = audio = None
+            try:
+                if needs_condition(row["task"]):
+                    frames, audio = self.condition(row)
+            except MediaError as e:
+                generated[i] = {"frames": NO_FRAMES, "audio": NO_AUDIO, "ok": False,
+                                "error": f"condition {row['path']}: {e}"}
+                continue
+            by_task.setdefault(row["task"], []).append((i, Condition(row["prompt"] or None, frames, audio)))
+        for task, items in by_task.items():
+            with _autocast(self.device):
+                results = self.poet.generate_batch(task, [c for _, c in items], sampling=self.sampling,
+                                                   seeds=[rows[i]["seed"] for i, _ in items], batch_size=len(items))
+            for (i, _), result in zip(items, results):
+                audio_out = NO_AUDIO if result.audio is None else np.asarray(result.audio, np.float32)
+                generated[i] = {"frames": result.frames, "audio": audio_out, "ok": True, "error": ""}
+        return _columns([{**row, **out} for row, out in zip(rows, generated)], [*ROW_COLUMNS, *GENERATED])
 
 
 # ---------------------------------------------------------------------------------------------------- real clips

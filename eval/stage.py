@@ -79,6 +79,7 @@ class EvalConfig:
     generators: int = 1  # most Generate actors without GPUs; with GPUs one per GPU
     feature_actors: int = 1  # most Features actors without GPUs; with GPUs one per GPU
     generate_cpus: float = 1.0  # logical CPUs per actor without GPUs (Ray's scheduling, and torch's threads)
+    generate_batch_size: int = 16  # samples per Generate call; those of one task decode as one batch
     feature_cpus: float = 1.0
     decode_cpus: float = 0.5  # per real-clip decode task
     feature_batch_size: int = 4  # clips per Features call (i3d.batch_size and clip.batch_size split it further)
@@ -86,7 +87,7 @@ class EvalConfig:
 
     def __post_init__(self):
         for name in ("samples_per_prompt", "real_clips_per_video", "bootstrap", "generators", "feature_actors",
-                     "feature_batch_size"):
+                     "generate_batch_size", "feature_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("max_samples", "media_samples"):
@@ -194,7 +195,7 @@ def pipeline(cfg: EvalConfig, model: Path, media: MediaConfig, rows: list[dict[s
         return {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=gpus or most), **resources}
 
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_INPUT_BLOCKS))
-    ds = ds.map_batches(Generate, fn_constructor_args=(str(model), cfg.sampling), batch_size=1,
+    ds = ds.map_batches(Generate, fn_constructor_args=(str(model), cfg.sampling), batch_size=cfg.generate_batch_size,
                         batch_format="numpy", **actors(cfg.generators, cfg.generate_cpus, GENERATE_GPU_SHARE))
     if real is not None:
         clips = ray.data.from_arrow(real, override_num_blocks=min(len(real), MAX_INPUT_BLOCKS))

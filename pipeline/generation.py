@@ -3,8 +3,9 @@
 `VideoPoet.load(model_dir)` reads what `videopoet train llm` exported (weights, config, word vocabulary, and the
 record of the tokenizers that wrote its training shards). `generate(task, ...)` tokenizes the conditions, samples
 the output with the KV-cached sampler (logits restricted to each position's valid range, so every sample parses),
-and decodes the codes back to frames and audio. Long videos extend a clip repeatedly, conditioned on its last
-latent frames (`extend`).
+and decodes the codes back to frames and audio; `generate_batch(task, conditions)` samples many conditions a batch at
+a time, each as `generate` would. Long videos extend a clip repeatedly, conditioned on its last latent frames
+(`extend`).
 
 Super-resolution cascades after the base model: `VideoPoet.load(model_dir, sr=[stage_dir, ...])` adds the exports of
 `videopoet train sr`, each a 2x stage whose low-res input is the previous stage's output (the base model's codes for
@@ -46,6 +47,23 @@ class SamplingConfig:
     top_p: float = 1.0
     guidance: float = 1.0  # classifier-free guidance scale; 1 = off
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What one sample is generated from: a caption, frames (a clip, or an image as 1 frame), float32 audio."""
+    prompt: str | None = None
+    frames: np.ndarray | None = None
+    audio: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    layout: Layout
+    prompt_ids: np.ndarray
+    forced: np.ndarray | None
+    video_codes: np.ndarray | None
+    audio_codes: np.ndarray | None
 
 
 @dataclass
@@ -233,18 +251,51 @@ class VideoPoet:
     # ------------------------------------------------------------------------------------------------ sampling
 
     def generate(self, task: Task | str, *, prompt: str | None = None, frames: np.ndarray | None = None,
-                 audio: np.ndarray | None = None, context_frames: int = 1, mask: str = "center",
+                 audio: np.ndarray | None = None, context_frames: int = 1,
                  sampling: SamplingConfig = SamplingConfig()) -> Generated:
         """One sample of `task`. frames: the visual condition as a clip (or an image: 1 frame); audio: float32."""
+        return self.generate_batch(task, [Condition(prompt, frames, audio)], context_frames=context_frames,
+                                   sampling=sampling)[0]
+
+    def generate_batch(self, task: Task | str, conditions: Sequence[Condition], *, context_frames: int = 1,
+                       sampling: SamplingConfig = SamplingConfig(), seeds: Sequence[int] | None = None,
+                       batch_size: int = 16) -> list[Generated]:
+        """One sample of `task` per condition, up to `batch_size` of them decoded together (one token step serves
+        the whole batch). Sample i is drawn with seed `seeds[i]` (by default `sampling.seed + i`): what `generate`
+        gives for its condition with that seed."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        seeds = [sampling.seed + i for i in range(len(conditions))] if seeds is None else list(seeds)
+        if len(seeds) != len(conditions):
+            raise ValueError(f"seeds: {len(seeds)} for {len(conditions)} conditions")
         task = Task(task)
+        prepared = [self._prepare(task, c, context_frames) for c in conditions]
+        groups: dict[int, list[int]] = {}  # captions of other lengths make other layouts
+        for i, item in enumerate(prepared):
+            groups.setdefault(item.layout.prefix_length, []).append(i)
+        ids: list[np.ndarray | None] = [None] * len(prepared)
+        for members in groups.values():
+            for first in range(0, len(members), batch_size):
+                rows = members[first:first + batch_size]
+                items = [prepared[i] for i in rows]
+                forced = None if items[0].forced is None else np.stack([item.forced for item in items])
+                out = sample(self.model, items[0].layout, np.stack([item.prompt_ids for item in items]),
+                             guidance=sampling.guidance, temperature=sampling.temperature, top_k=sampling.top_k,
+                             top_p=sampling.top_p, seed=[seeds[i] for i in rows], forced=forced)
+                for i, row in zip(rows, out):
+                    ids[i] = row
+        return [self._result(task, item, row) for item, row in zip(prepared, ids)]
+
+    def _prepare(self, task: Task, condition: Condition, context_frames: int) -> _Prepared:
+        """A condition tokenized into its layout, prompt ids and forced output positions."""
         spec = TASKS[task]
-        text = self.words.encode(prompt) if prompt and spec.text != "none" else None
+        text = self.words.encode(condition.prompt) if condition.prompt and spec.text != "none" else None
         if spec.text == "required" and text is None:
             raise ValueError(f"{task.value}: needs --prompt")
         needs_audio = spec.audio_in != "none" or spec.audio_out != "none"
         grid = (1, *self.latent_grid[1:]) if spec.video_out == "image" else self.latent_grid
-        video_codes = self._video_condition(task, frames, grid)
-        audio_codes = self._audio_condition(task, audio) if needs_audio else None
+        video_codes = self._video_condition(task, condition.frames, grid)
+        audio_codes = self._audio_condition(task, condition.audio) if needs_audio else None
         kwargs = {}
         if spec.video_in == "context":
             kwargs["context_frames"] = context_frames
@@ -264,14 +315,15 @@ class VideoPoet:
             forced = self.vocab.video_to_unified(video_codes[0].reshape(-1))
         elif spec.video_in == "masked":  # the clip's visible codes
             forced = np.where(condition_mask.reshape(-1), -1, self.vocab.video_to_unified(video_codes.reshape(-1)))
-        cfg = sampling
-        ids = sample(self.model, layout, prompt_ids, guidance=cfg.guidance, temperature=cfg.temperature,
-                     top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, forced=forced)[0]
-        parsed = parse_sequence(ids, layout)
+        return _Prepared(layout, prompt_ids, forced, video_codes, audio_codes)
+
+    def _result(self, task: Task, item: _Prepared, ids: np.ndarray) -> Generated:
+        spec = TASKS[task]
+        parsed = parse_sequence(ids, item.layout)
         video_out = parsed.video if spec.video_out != "none" else None
-        audio_out = parsed.audio if spec.audio_out != "none" else audio_codes
+        audio_out = parsed.audio if spec.audio_out != "none" else item.audio_codes
         return Generated(task, ids, video_out, audio_out,
-                         self.decode_video(video_out if video_out is not None else video_codes),
+                         self.decode_video(video_out if video_out is not None else item.video_codes),
                          None if audio_out is None else self.decode_audio(audio_out))
 
     def extend(self, frames: np.ndarray, times: int, seconds: float = 1.0,

@@ -18,6 +18,7 @@ is tested against, and the baseline of `benchmarks/generate.py`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -169,23 +170,37 @@ class UncachedStream:
 # Generation
 
 
-def _check_forced(forced: np.ndarray | None, low: list[int], high: list[int]) -> np.ndarray:
-    forced = np.zeros(0, np.int64) if forced is None else np.asarray(forced, np.int64).reshape(-1)
-    if len(forced) > len(low):
-        raise ValueError(f"forced: {len(forced)} ids for an output of {len(low)} positions")
+def _check_forced(forced: np.ndarray | None, rows: int, low: list[int], high: list[int]) -> np.ndarray:
+    """forced as (rows, F): one row for every prompt, -1 where the position is sampled."""
+    forced = np.zeros((rows, 0), np.int64) if forced is None else np.asarray(forced, np.int64)
+    if forced.ndim == 1:
+        forced = np.broadcast_to(forced, (rows, len(forced)))
+    if forced.ndim != 2 or len(forced) != rows:
+        raise ValueError(f"forced: expected (F,) or ({rows}, F) ids, got shape {forced.shape}")
+    if forced.shape[1] > len(low):
+        raise ValueError(f"forced: {forced.shape[1]} ids for an output of {len(low)} positions")
     given = forced >= 0
-    bad = np.flatnonzero(given & ((forced < low[:len(forced)]) | (forced >= high[:len(forced)])))
+    n = forced.shape[1]
+    bad = np.argwhere(given & ((forced < low[:n]) | (forced >= high[:n])))
     if len(bad):
-        raise ValueError(f"forced: id {forced[bad[0]]} at output position {bad[0]} is outside its valid range "
-                         f"[{low[bad[0]]}, {high[bad[0]]})")
+        row, i = bad[0]
+        raise ValueError(f"forced: id {forced[row, i]} at output position {i} is outside its valid range "
+                         f"[{low[i]}, {high[i]})")
     return forced
+
+
+def _seeds(seed: int | Sequence[int], rows: int) -> list[int]:
+    seeds = [seed + row for row in range(rows)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+    if len(seeds) != rows:
+        raise ValueError(f"seed: {len(seeds)} seeds for {rows} prompts")
+    return seeds
 
 
 @torch.no_grad()
 def _generate(stream_class: type[CachedStream] | type[UncachedStream], model: VideoPoetLM, layout: Layout,
               prompt_ids: np.ndarray | Tensor, *, text_embeddings: Tensor | None, uncond_prompt_ids: np.ndarray | None,
               uncond_text_embeddings: Tensor | None, guidance: float, temperature: float, top_k: int, top_p: float,
-              seed: int, forced: np.ndarray | None) -> np.ndarray:
+              seed: int | Sequence[int], forced: np.ndarray | None) -> np.ndarray:
     if layout.vocab != model.config.vocab:
         raise ValueError(f"layout vocabulary {layout.vocab} differs from the model's {model.config.vocab}")
     if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1 and math.isfinite(guidance)):
@@ -204,21 +219,29 @@ def _generate(stream_class: type[CachedStream] | type[UncachedStream], model: Vi
     steps = layout.length - layout.prefix_length
     stream = stream_class(model, torch.from_numpy(ids).to(device), torch.from_numpy(start).to(device),
                           None if text is None else text.to(device), steps - 1)
-    generator = torch.Generator(device).manual_seed(seed)
+    # One generator per row: a row's draws do not depend on the other rows, so a batch gives each prompt what
+    # sampling it alone with its seed gives.
+    generators = [torch.Generator(device).manual_seed(s) for s in _seeds(seed, batch)]
     low, high = (r[layout.prefix_length:].tolist() for r in layout.valid_ranges())
-    forced = _check_forced(forced, low, high)
+    forced = torch.from_numpy(np.ascontiguousarray(_check_forced(forced, batch, low, high))).to(device)
     logits, tokens = stream.logits, []
     for step in range(steps):
-        if step < len(forced) and forced[step] >= 0:
-            token = torch.full((batch,), int(forced[step]), dtype=torch.long, device=device)
-        else:
+        given = forced[:, step] if step < forced.shape[1] else torch.full((batch,), -1, device=device)
+        free = (given < 0).nonzero()[:, 0].tolist()
+        token = given.clone()
+        if free:
             logits = logits.float()
             if guided:
                 cond, uncond = logits.chunk(2)
                 logits = cond + (guidance - 1) * (cond - uncond)
             logits[:, :low[step]] = -math.inf
             logits[:, high[step]:] = -math.inf
-            token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if temperature == 0:
+                token[free] = logits[free].argmax(dim=-1)
+            else:
+                for row in free:
+                    token[row] = sample(logits[row:row + 1], temperature=temperature, top_k=top_k, top_p=top_p,
+                                        generator=generators[row])[0]
         tokens.append(token)
         if step + 1 < steps:
             logits = stream.append(token.repeat(len(halves)))
@@ -228,16 +251,18 @@ def _generate(stream_class: type[CachedStream] | type[UncachedStream], model: Vi
 def generate(model: VideoPoetLM, layout: Layout, prompt_ids: np.ndarray | Tensor, *,
              text_embeddings: Tensor | None = None, uncond_prompt_ids: np.ndarray | Tensor | None = None,
              uncond_text_embeddings: Tensor | None = None, guidance: float = 1.0, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, forced: np.ndarray | None = None) -> np.ndarray:
+             top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0, forced: np.ndarray | None = None
+             ) -> np.ndarray:
     """Complete `layout` from its prompt: ids (B, layout.length), the prompt followed by the sampled output.
 
     prompt_ids (P,) or (B, P): the layout's prefix (`build_prompt`); text_embeddings (n, width) or (B, n, width)
     fill its `<text_embedding>` positions. Guidance != 1 or an unconditional prompt turns on classifier-free
     guidance; the unconditional prompt defaults to the prompt without its text. uncond_text_embeddings fill a
-    negative prompt's placeholders. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. The same
-    seed gives the same samples on the same device. forced (F,): ids for the first F output positions, taken
-    instead of sampled where >= 0: positions whose value the condition already fixes (image-to-video's first frame,
-    the visible part of a painting task's clip), given as the model saw them in training.
+    negative prompt's placeholders. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Row i
+    draws with its own generator, seeded `seed + i` (or `seed[i]`), so it gets what sampling its prompt alone with
+    that seed gets, on the same device. forced (F,) or (B, F): ids for the first F output positions, taken instead
+    of sampled where >= 0: positions whose value the condition already fixes (image-to-video's first frame, the
+    visible part of a painting task's clip), given as the model saw them in training.
     """
     return _generate(CachedStream, model, layout, prompt_ids, text_embeddings=text_embeddings,
                      uncond_prompt_ids=uncond_prompt_ids, uncond_text_embeddings=uncond_text_embeddings,
@@ -247,8 +272,8 @@ def generate(model: VideoPoetLM, layout: Layout, prompt_ids: np.ndarray | Tensor
 def generate_uncached(model: VideoPoetLM, layout: Layout, prompt_ids: np.ndarray | Tensor, *,
                       text_embeddings: Tensor | None = None, uncond_prompt_ids: np.ndarray | Tensor | None = None,
                       uncond_text_embeddings: Tensor | None = None, guidance: float = 1.0, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, seed: int = 0, forced: np.ndarray | None = None
-                      ) -> np.ndarray:
+                      top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
+                      forced: np.ndarray | None = None) -> np.ndarray:
     """`generate` without the KV cache: every step runs the whole sequence again (quadratically slower)."""
     return _generate(UncachedStream, model, layout, prompt_ids, text_embeddings=text_embeddings,
                      uncond_prompt_ids=uncond_prompt_ids, uncond_text_embeddings=uncond_text_embeddings,

@@ -1,6 +1,7 @@
 """`videopoet generate` on a random-init export: every task samples, parses, decodes and writes a readable MP4."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import from_dict, load_config, to_dict
-from pipeline.generation import SamplingConfig, VideoPoet
+from pipeline.generation import Condition, SamplingConfig, VideoPoet
 from pipeline.magvit import MagvitConfig
 from pipeline.masking import DecodingConfig
 from pipeline.media import MediaConfig, decode, write_video
@@ -63,6 +64,28 @@ def test_every_task_generates(export, task):
         hidden = central_mask(poet.latent_grid)
         hidden = hidden if task == Task.INPAINTING else ~hidden
         assert np.array_equal(out.video_codes[~hidden], poet.encode_video(frames)[~hidden])
+
+
+@pytest.mark.parametrize("task", [Task.TEXT_TO_VIDEO, Task.IMAGE_TO_VIDEO, Task.VIDEO_TO_AUDIO])
+def test_a_batch_generates_what_each_condition_generates_alone(export, task):
+    poet = VideoPoet.load(export / "run" / "model")
+    rng = np.random.default_rng(2)
+    # Captions of two lengths (two layouts in one call) and a batch size that splits them.
+    prompts = ["a red circle moving left", "a blue square", "a blue square moving up", "a red circle moving up"]
+    conditions = [Condition(prompt, rng.integers(0, 255, (17, 32, 32, 3), dtype=np.uint8),
+                            (0.1 * rng.standard_normal(34000)).astype(np.float32)) for prompt in prompts]
+    sampling = SamplingConfig(top_k=8, seed=5)
+    batch = poet.generate_batch(task, conditions, sampling=sampling, batch_size=2)
+    for i, (c, out) in enumerate(zip(conditions, batch)):
+        alone = poet.generate(task, prompt=c.prompt, frames=c.frames, audio=c.audio,
+                              sampling=replace(sampling, seed=5 + i))
+        np.testing.assert_array_equal(out.ids, alone.ids)
+        np.testing.assert_array_equal(out.frames, alone.frames)
+        if task == Task.VIDEO_TO_AUDIO:
+            np.testing.assert_array_equal(out.audio, alone.audio)
+    assert len({out.ids.tobytes() for out in batch}) == len(batch)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        poet.generate_batch(task, conditions, batch_size=0)
 
 
 def test_cli_writes_mp4_and_tokens_with_chaining_and_extension(export, clip_file, tmp_path, capsys):

@@ -143,6 +143,28 @@ def test_seeds_reproduce_and_differ(model):
     assert (a == b).all() and not (a == c).all()
 
 
+@pytest.mark.parametrize("options", [dict(temperature=0), dict(top_k=50, top_p=0.9), dict(guidance=2.0, top_k=20)])
+def test_a_batch_gives_each_row_what_it_gets_alone(model, options):
+    """Row i of a batch is the prompt sampled alone with seed + i, forced positions per row included: batching is
+    only faster, never different."""
+    layout, _ = condition(Task.IMAGE_TO_VIDEO)
+    videos = [RNG.integers(0, VOCAB.video_codes, VIDEO.shape) for _ in range(3)]
+    prompts = np.stack([build_prompt(layout, text=WORDS, video=v[:1]) for v in videos])
+    forced = np.stack([VOCAB.video_to_unified(v[0].reshape(-1)) for v in videos])
+    batch = generate(model, layout, prompts, seed=11, forced=forced, **options)
+    for row in range(3):
+        alone = generate(model, layout, prompts[row], seed=11 + row, forced=forced[row], **options)[0]
+        np.testing.assert_array_equal(batch[row], alone)
+        np.testing.assert_array_equal(batch[row, layout.prefix_length:][:forced.shape[1]], forced[row])
+    order = [1, 0, 2]  # seeds given row by row follow their rows
+    np.testing.assert_array_equal(generate(model, layout, prompts[order], seed=[12, 11, 13], forced=forced[order],
+                                           **options), batch[order])
+    with pytest.raises(ValueError, match="seed: 2 seeds for 3 prompts"):
+        generate(model, layout, prompts, seed=[1, 2], forced=forced)
+    with pytest.raises(ValueError, match=r"forced: expected \(F,\) or \(3, F\) ids"):
+        generate(model, layout, prompts, forced=forced[:2])
+
+
 def test_filter_logits_against_a_reference():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 40, generator=g)

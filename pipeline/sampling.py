@@ -223,12 +223,15 @@ def _generate(stream_class: type[CachedStream] | type[UncachedStream], model: Vi
     # sampling it alone with its seed gives.
     generators = [torch.Generator(device).manual_seed(s) for s in _seeds(seed, batch)]
     low, high = (r[layout.prefix_length:].tolist() for r in layout.valid_ranges())
-    forced = torch.from_numpy(np.ascontiguousarray(_check_forced(forced, batch, low, high))).to(device)
+    forced = _check_forced(forced, batch, low, high)
+    forced_ids = torch.from_numpy(np.ascontiguousarray(forced)).to(device)
+    unforced = torch.full((batch,), -1, dtype=torch.long, device=device)
     logits, tokens = stream.logits, []
     for step in range(steps):
-        given = forced[:, step] if step < forced.shape[1] else torch.full((batch,), -1, device=device)
-        free = (given < 0).nonzero()[:, 0].tolist()
-        token = given.clone()
+        given = step < forced.shape[1]
+        token = (forced_ids[:, step] if given else unforced).clone()
+        # The rows to sample, read on the host: no device sync per step.
+        free = np.flatnonzero(forced[:, step] < 0).tolist() if given else list(range(batch))
         if free:
             logits = logits.float()
             if guided:

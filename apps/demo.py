@@ -48,7 +48,7 @@ from pipeline.synth import COLORS, MOTIONS, SHAPES, SynthConfig, attribute_key, 
     write_corpus
 from pipeline.tracking import TrackingConfig, check_store, start_run, ui_url
 from tokenize_jobs.job import TokenizeConfig, TokenizeJob, summary_metrics
-from train.llm import LLMTrainConfig, train_llm
+from train.llm import LLMTrainConfig, refuse_vocab_overrides, train_llm
 from train.mixture import check_inputs
 from train.runs import SUMMARY_FILE, RunFolder, write_summary
 from train.superres import SRTrainConfig, train_sr
@@ -372,6 +372,7 @@ def print_summary(summary: dict, folder: RunFolder) -> None:
 
 def demo_config(args: argparse.Namespace) -> DemoConfig:
     """The demo's config from its arguments (file, then `--set`, then `--quiet`); raises ConfigError or ValueError."""
+    refuse_vocab_overrides(args.overrides, "llm.")
     base = to_dict(DemoConfig()) if args.config is None else to_dict(load_config(DemoConfig, args.config))
     quiet = [f"{stage}.train.progress=false" for stage in TRAINING_STAGES] if args.quiet else []
     return from_dict(DemoConfig, apply_overrides(base, [*args.overrides, *quiet]))

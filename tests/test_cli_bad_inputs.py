@@ -142,6 +142,9 @@ CASES = {
                                "missing", 2),
     "train llm init a tokenizer": (lambda p: train(p, "llm", p.bad / "shards", *T2V, "--init", str(p.video)),
                                    "video", 2),
+    # The vocabulary follows the shards: setting it would do nothing.
+    "train llm vocab set": (lambda p: train(p, "llm", p.bad / "shards", *T2V, "--set", "model.vocab.audio_levels=2"),
+                            "model.vocab", 2),
     **{f"train {m}-tokenizer manifest {case}": (lambda p, m=m, f=f: train_tokenizer(p, m, f(p)), name, 2)
        for m in ("video", "audio")
        for case, f, name in (("missing", lambda p: p.missing / "m.csv", "m.csv"),
@@ -171,6 +174,8 @@ CASES = {
     "demo negative steps": (lambda p: ["demo", "--out", str(p.out / "demo"), "--set", "llm.train.steps=-1"],
                             "steps", 2),
     "demo unknown key": (lambda p: ["demo", "--out", str(p.out / "demo"), "--set", "nope=1"], "nope", 2),
+    "demo vocab set": (lambda p: ["demo", "--out", str(p.out / "demo"), "--set", "llm.model.vocab.text_size=9"],
+                       "llm.model.vocab", 2),
     "demo config missing": (lambda p: ["demo", "--out", str(p.out / "demo"), "--config", str(p.missing / "c.toml")],
                             "c.toml", 2),
     "demo config a folder": (lambda p: ["demo", "--out", str(p.out / "demo"), "--config", str(p.bad / "empty")],

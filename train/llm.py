@@ -74,6 +74,18 @@ def vocabulary_for(shards: ShardSet, text_size: int) -> Vocabulary:
                       text_size=text_size)
 
 
+def refuse_vocab_overrides(overrides: list[str], prefix: str = "") -> None:
+    """`vocabulary_for` sets the model's vocabulary from the shards, so a `--set` of `model.vocab` would be accepted
+    and do nothing: it is refused, naming what does set it."""
+    key = f"{prefix}model.vocab"
+    for override in overrides:
+        name = override.split("=", 1)[0].strip()
+        if name == key or name.startswith(f"{key}."):
+            raise ValueError(f"--set {override}: {key} is not a setting of this app; the vocabulary follows the "
+                             "shards' tokenizers (video codebook bits, audio levels and codebook size) and the "
+                             "caption words")
+
+
 def available_inputs(shards: ShardSet, table) -> set[str]:
     """The task inputs some row of the shards has (see `train.mixture.needs`)."""
     available = set()
@@ -280,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
     if args.init:
         args.overrides.append(f"init={json.dumps(args.init)}")
     try:
+        refuse_vocab_overrides(args.overrides)
         app = app_config(LLMTrainConfig, args, {"": "train_llm", "model": "llm"})
         summary = train_llm(app, args.data if len(args.data) > 1 else args.data[0], args.out)
     except (ConfigError, Busy, ValueError, ShardError, FileNotFoundError) as e:

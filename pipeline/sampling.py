@@ -239,8 +239,8 @@ def _generate(stream_class: type[CachedStream] | type[UncachedStream], model: Vi
                 logits = cond + (guidance - 1) * (cond - uncond)
             logits[:, :low[step]] = -math.inf
             logits[:, high[step]:] = -math.inf
-            if temperature == 0:
-                token[free] = logits[free].argmax(dim=-1)
+            if temperature == 0:  # greedy draws nothing: every free row at once
+                token[free] = sample(logits[free], temperature=0)
             else:
                 for row in free:
                     token[row] = sample(logits[row:row + 1], temperature=temperature, top_k=top_k, top_p=top_p,
